@@ -1,0 +1,1 @@
+"""ROS-free core library: models, attention capture, segmentation methods, geometry."""

@@ -1,0 +1,192 @@
+"""Load Stable Diffusion components from a local diffusers folder, offline; build seeded tiny models.
+
+The folder layout is the one of a diffusers Stable Diffusion checkpoint:
+tokenizer/, text_encoder/, vae/, unet/, scheduler/ (one config + weights per component).
+"""
+from dataclasses import dataclass
+import hashlib
+import json
+import os
+
+os.environ.setdefault('HF_HUB_OFFLINE', '1')  # never reach for a model hub
+os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+from .clip_vocab import write_clip_tokenizer  # noqa: E402
+
+diffusers.utils.logging.set_verbosity_error()           # loading chatter is not useful on a robot console
+diffusers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'embedded', 'sd-synthworld')
+DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+WEIGHT_FILES = ('model.safetensors', 'diffusion_pytorch_model.safetensors', 'pytorch_model.bin',
+                'diffusion_pytorch_model.bin')
+# Each component needs one of the listed file groups.
+REQUIRED = {
+    'tokenizer': (('vocab.json', 'merges.txt'), ('tokenizer.json',)),
+    'text_encoder': (('config.json',),),
+    'vae': (('config.json',),),
+    'unet': (('config.json',),),
+    'scheduler': (('scheduler_config.json',),),
+}
+# SD 1.x noise schedule (REFERENCE.md section 3).
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+                   clip_sample=False, steps_offset=1, prediction_type='epsilon')
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder is missing or incomplete; the message names what is missing."""
+
+
+@dataclass
+class SDComponents:
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: DDPMScheduler
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vae_scale_factor(self):
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scaling(self):
+        return self.vae.config.scaling_factor
+
+    @property
+    def pad_multiple(self):
+        """Input sizes must be a multiple of this so every UNet level has an integer size."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def fingerprint(self):
+        """Short hash identifying the base model (configs and token embeddings), for concept files."""
+        digest = hashlib.sha256()
+        configs = (self.text_encoder.config.to_dict(), dict(self.unet.config))
+        digest.update(json.dumps(configs, sort_keys=True, default=str).encode())
+        emb = self.text_encoder.get_input_embeddings().weight[:4096].detach().float().cpu()
+        digest.update(emb.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def missing_parts(path):
+    """List what a diffusers SD folder lacks ('' list when complete)."""
+    if not os.path.isdir(path):
+        return [f'folder {path}']
+    missing = []
+    for sub, groups in REQUIRED.items():
+        absent = [[f'{sub}/{name}' for name in group if not os.path.isfile(os.path.join(path, sub, name))]
+                  for group in groups]
+        if all(absent):
+            missing += absent[0]
+        if sub in ('text_encoder', 'vae', 'unet') and not any(
+                os.path.isfile(os.path.join(path, sub, w)) for w in WEIGHT_FILES):
+            missing.append(f'{sub}/ weights (*.safetensors)')
+    return missing
+
+
+def resolve_model_path(model_path):
+    """Map '' to the embedded SynthWorld model; expand ~ and make the path absolute."""
+    return os.path.abspath(os.path.expanduser(model_path)) if model_path else EMBEDDED_MODEL
+
+
+def load_sd_components(model_path='', device='cpu', dtype='float32'):
+    """Load tokenizer, text encoder, VAE, UNet and scheduler from a local folder with no network access."""
+    path = resolve_model_path(model_path)
+    missing = missing_parts(path)
+    if missing:
+        raise ModelLoadError(f'Stable Diffusion folder {path} is incomplete; missing: {", ".join(missing)}')
+    if dtype not in DTYPES:
+        raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    torch_dtype, dev = DTYPES[dtype], torch.device(device)
+    kwargs = dict(local_files_only=True, torch_dtype=torch_dtype)
+    try:
+        components = SDComponents(
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder='tokenizer', local_files_only=True),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder='text_encoder', **kwargs),
+            vae=AutoencoderKL.from_pretrained(path, subfolder='vae', **kwargs),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder='unet', **kwargs),
+            scheduler=DDPMScheduler.from_pretrained(path, subfolder='scheduler', local_files_only=True),
+            path=path, device=dev, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f'could not load Stable Diffusion from {path}: {err}') from err
+    for module in (components.text_encoder, components.vae, components.unet):
+        module.to(dev).eval().requires_grad_(False)
+    return components
+
+
+def save_sd_components(components, out_dir, half=False):
+    """Write the components as a diffusers folder (safetensors; fp16 when half)."""
+    os.makedirs(out_dir, exist_ok=True)
+    components.tokenizer.save_pretrained(os.path.join(out_dir, 'tokenizer'))
+    components.scheduler.save_pretrained(os.path.join(out_dir, 'scheduler'))
+    for name in ('text_encoder', 'vae', 'unet'):
+        module = getattr(components, name)
+        if half:
+            module = _half_copy(module)
+        module.save_pretrained(os.path.join(out_dir, name), safe_serialization=True)
+    return out_dir
+
+
+def _half_copy(module):
+    copy = type(module)(module.config) if not isinstance(module, CLIPTextModel) else CLIPTextModel(module.config)
+    copy.load_state_dict(module.state_dict())
+    return copy.half()
+
+
+def tiny_configs():
+    """Configs of a seeded tiny SD-architecture model for tests (three UNet levels, real CLIP vocabulary)."""
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=77, projection_dim=32)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+               down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2,
+               layers_per_block=1, norm_num_groups=8, sample_size=64)
+    unet = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64, 64), cross_attention_dim=32, attention_head_dim=8,
+                norm_num_groups=8,
+                down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
+                up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'))
+    return text, vae, unet
+
+
+def sd15_configs():
+    """Configs of the Stable Diffusion 1.5 architecture (for benchmarks with random weights)."""
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, max_position_embeddings=77, hidden_act='quick_gelu',
+                          projection_dim=768)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+               down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+               layers_per_block=2, sample_size=512)
+    unet = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)  # diffusers defaults = SD 1.x
+    return text, vae, unet
+
+
+def build_sd_components(configs, seed=0, tokenizer_dir=None, device='cpu', dtype='float32'):
+    """Build randomly initialised components from (text, vae, unet) configs, seeded."""
+    text_cfg, vae_cfg, unet_cfg = configs
+    torch.manual_seed(seed)
+    tokenizer_dir = tokenizer_dir or os.path.join(os.path.expanduser('~'), '.cache', 'diffseg_ros', 'clip-tokenizer')
+    tokenizer = (CLIPTokenizer.from_pretrained(tokenizer_dir) if os.path.isfile(os.path.join(tokenizer_dir, 'vocab.json'))
+                 else write_clip_tokenizer(tokenizer_dir))
+    parts = SDComponents(tokenizer=tokenizer, text_encoder=CLIPTextModel(text_cfg), vae=AutoencoderKL(**vae_cfg),
+                         unet=UNet2DConditionModel(**unet_cfg), scheduler=DDPMScheduler(**SD_SCHEDULE),
+                         path='', device=torch.device(device), dtype=DTYPES[dtype])
+    for module in (parts.text_encoder, parts.vae, parts.unet):
+        module.to(parts.device, parts.dtype).eval().requires_grad_(False)
+    return parts
+
+
+def save_tiny_random_model(out_dir, seed=0):
+    """Save a seeded tiny random SD-architecture model as a diffusers folder (used by tests and benchmarks)."""
+    return save_sd_components(build_sd_components(tiny_configs(), seed=seed), out_dir)

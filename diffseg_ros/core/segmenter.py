@@ -1,0 +1,274 @@
+"""Segmenter: an RGB frame and text queries in, per-query masks out, from one UNet forward.
+
+All active queries share one composed prompt, whose text embedding is cached per query set; the image
+latent is computed once per frame; the method reads the attention it needs from that single pass.
+"""
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+import json
+import os
+import time
+
+import cv2
+import numpy as np
+import torch
+
+from .attention import AttentionCapture, resolve_layers, transformer_blocks
+from .methods import METHODS
+from .methods.common import resize
+from .prompts import DEFAULT_BACKGROUND_WORDS, compose_prompt
+from .sd_models import DTYPES, ModelLoadError, load_sd_components  # noqa: F401  (re-exported)
+
+DEFAULTS_FILE = 'diffseg_defaults.json'   # optional per-model defaults (image size, layers, background words)
+MAX_QUERIES = 16
+MAX_QUERY_CHARS = 200
+SD_T2M_LAYERS = {'cross': [4, 5, 6, 7, 8], 'self': [11]}   # T2M's indices for the 16-block SD 1.x UNet
+
+
+@dataclass
+class SegmenterConfig:
+    model_path: str = ''                 # '' = the embedded SynthWorld model
+    device: str = 'cpu'
+    dtype: str = 'float32'
+    method: str = 't2m'
+    image_size: int = 0                  # long side fed to the model; 0 = model default
+    timestep: int = -1                   # -1 = method default (t2m 150, stableseg/cross 1)
+    noise_samples: int = 1               # t2m: noise draws averaged (batched in the one forward)
+    seed: int = 0
+    cross_layers: tuple = ()             # forward-order indices or module names; empty = default
+    self_layers: tuple = ()
+    background_words: tuple = None       # None = model default
+    background_threshold: float = 0.4    # cross / stableseg: constant background score
+    box_threshold: float = 0.2           # t2m: box of regions >= this * max
+    tau: float = 0.5                     # t2m: background (2 tau - max)^2
+    mask_threshold: float = 0.0          # extra floor on a query's probability to count as foreground
+
+    def validate(self):
+        """Raise ValueError with a clear message for the first bad value."""
+        checks = [
+            (self.device.split(':')[0] in ('cpu', 'cuda'), f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}"),
+            (self.dtype in DTYPES, f'dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}'),
+            (self.method in METHODS, f'method must be one of {sorted(METHODS)}, got {self.method!r}'),
+            (self.image_size == 0 or 64 <= self.image_size <= 2048,
+             f'image_size must be 0 (model default) or 64..2048, got {self.image_size}'),
+            (-1 <= self.timestep <= 999, f'timestep must be -1 (method default) or 0..999, got {self.timestep}'),
+            (1 <= self.noise_samples <= 32, f'noise_samples must be 1..32, got {self.noise_samples}'),
+            (0.0 <= self.background_threshold <= 1.0, 'background_threshold must be in [0, 1]'),
+            (0.0 < self.box_threshold <= 1.0, 'box_threshold must be in (0, 1]'),
+            (0.0 < self.tau <= 1.0, 'tau must be in (0, 1]'),
+            (0.0 <= self.mask_threshold < 1.0, 'mask_threshold must be in [0, 1)'),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.device.startswith('cuda') and not torch.cuda.is_available():
+            raise ValueError('device is cuda but no CUDA device is available')
+        return self
+
+
+@dataclass
+class QuerySet:
+    queries: list
+    truncated: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+
+
+@dataclass
+class SegmentationResult:
+    queries: list
+    probabilities: np.ndarray    # float32 [K, H, W]
+    labels: np.ndarray           # uint8 [H, W]: 0 background, k = k-th query
+    masks: np.ndarray            # bool [K, H, W]
+    timings: dict
+
+
+class Segmenter:
+    def __init__(self, config, components=None):
+        self.config = config.validate()
+        self.sd = components or load_sd_components(config.model_path, config.device, config.dtype)
+        self.method = METHODS[config.method]
+        self.model_defaults = self._read_model_defaults()
+        self.cross_layers, self.self_layers = self._choose_layers()
+        self.timestep = config.timestep if config.timestep >= 0 else self.method.DEFAULT_TIMESTEP
+        self.image_size = config.image_size or self.model_defaults.get('image_size', 512)
+        words = config.background_words
+        self.background_words = tuple(self.model_defaults.get('background_words', DEFAULT_BACKGROUND_WORDS)
+                                      if words is None else words)
+        self._text_cache = OrderedDict()
+        self.prompt = None
+
+    # --- configuration -------------------------------------------------------------------------------
+    def _read_model_defaults(self):
+        path = os.path.join(self.sd.path, DEFAULTS_FILE) if self.sd.path else ''
+        if path and os.path.isfile(path):
+            with open(path, encoding='utf-8') as f:
+                return json.load(f)
+        return {}
+
+    def _choose_layers(self):
+        """Configured layers, else the model's defaults file, else the papers' choices for SD."""
+        name = self.config.method
+        defaults = self.model_defaults.get('layers', {}).get(name) or default_layers(self.sd.unet, name)
+        cross = list(self.config.cross_layers) or defaults['cross']
+        selfs = list(self.config.self_layers) or defaults['self']
+        return resolve_layers(self.sd.unet, cross), resolve_layers(self.sd.unet, selfs)
+
+    def describe(self):
+        """Static facts for diagnostics."""
+        return dict(model=self.sd.path, device=str(self.sd.device), dtype=self.config.dtype,
+                    method=self.config.method, timestep=self.timestep, image_size=self.image_size,
+                    cross_layers=self.cross_layers, self_layers=self.self_layers)
+
+    # --- queries -------------------------------------------------------------------------------------
+    def set_queries(self, queries):
+        """Make `queries` active; returns the kept queries and what was truncated (77-token limit)."""
+        cleaned, warnings = clean_queries(queries)
+        if not cleaned:
+            self.prompt = None
+            return QuerySet([], [], warnings)
+        self.prompt = self._text(tuple(cleaned))
+        truncated = self.prompt['truncated']
+        if truncated:
+            warnings.append(f'prompt longer than {self.sd.tokenizer.model_max_length} tokens; dropped: '
+                            + ', '.join(truncated))
+        return QuerySet(list(self.prompt['queries']), list(truncated), warnings)
+
+    def _text(self, queries):
+        """Composed prompt embedding for a query set, cached (never recomputed per frame)."""
+        if queries in self._text_cache:
+            self._text_cache.move_to_end(queries)
+            return self._text_cache[queries]
+        prompt = compose_prompt(self.sd.tokenizer, queries, self.method.PROMPT_PREFIX, self.background_words)
+        ids = torch.tensor([prompt.input_ids], device=self.sd.device)
+        with torch.inference_mode():
+            embeddings = self.sd.text_encoder(ids)[0]
+        spans = prompt.spans
+        if hasattr(self.method, 'merge_query_tokens'):
+            embeddings, spans = self.method.merge_query_tokens(embeddings, spans)
+        entry = dict(embeddings=embeddings, spans=spans, queries=prompt.queries, truncated=prompt.truncated,
+                     text=prompt.text)
+        self._text_cache[queries] = entry
+        if len(self._text_cache) > 8:
+            self._text_cache.popitem(last=False)
+        return entry
+
+    # --- per frame -----------------------------------------------------------------------------------
+    def segment(self, rgb, queries=None):
+        """Segment an RGB uint8 [H, W, 3] frame for the active (or the given) queries."""
+        if queries is not None:
+            self.set_queries(queries)
+        if self.prompt is None:
+            raise ValueError('no active query: call set_queries() first')
+        rgb = check_rgb(rgb)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            pixels, valid = self._preprocess(rgb)
+            latent = self._encode(pixels)
+            encoded = time.perf_counter()
+            scores = self._attention_scores(latent)
+        forward = time.perf_counter()
+        result = self._postprocess(scores, valid, rgb.shape[:2])
+        result.timings = dict(encode=encoded - start, unet=forward - encoded,
+                              post=time.perf_counter() - forward, total=time.perf_counter() - start)
+        return result
+
+    def _preprocess(self, rgb):
+        """Resize keeping aspect (long side = image_size), pad bottom/right to the UNet's multiple."""
+        h, w = rgb.shape[:2]
+        scale = self.image_size / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        m = self.sd.pad_multiple
+        pad_h, pad_w = -size[1] % m, -size[0] % m
+        padded = cv2.copyMakeBorder(resized, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
+        pixels = torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        return pixels.to(self.sd.device, self.sd.dtype), (size[1], size[0])
+
+    def _encode(self, pixels):
+        """Clean image latent (posterior mean, scaled as in SD training)."""
+        return self.sd.vae.encode(pixels).latent_dist.mean * self.sd.latent_scaling
+
+    def _attention_scores(self, latent):
+        prompt, t = self.prompt, self.timestep
+        latents = latent
+        if self.method is METHODS['t2m'] and t > 0:
+            generator = torch.Generator(device='cpu').manual_seed(self.config.seed)
+            noise = torch.randn((self.config.noise_samples, *latent.shape[1:]), generator=generator)
+            latents = self.sd.scheduler.add_noise(latent.expand(len(noise), -1, -1, -1), noise.to(latent),
+                                                  torch.tensor([t]))
+        text = prompt['embeddings'].expand(len(latents), -1, -1)
+        with AttentionCapture(self.sd.unet, self.cross_layers, self.self_layers) as capture:
+            capture.run(latents, torch.tensor([t] * len(latents), device=latents.device), text)
+        return self.method.scores(capture, prompt['spans'], cross_layers=self.cross_layers,
+                                  self_layers=self.self_layers, background_threshold=self.config.background_threshold,
+                                  box_threshold=self.config.box_threshold, tau=self.config.tau)
+
+    def _postprocess(self, scores, valid, out_size):
+        """Scores [K+1, h, w] over the padded input -> probabilities, labels and masks at out_size."""
+        padded = tuple(d * self.sd.vae_scale_factor for d in self.sd_latent_size(valid))
+        full = resize(scores[None].float(), padded)[0, :, :valid[0], :valid[1]]
+        full = resize(full[None], out_size)[0].clamp(0, 1)
+        labels = full.argmax(0)
+        if self.config.mask_threshold > 0:
+            labels[full.max(0).values < self.config.mask_threshold] = 0
+        k = full.shape[0] - 1
+        masks = torch.stack([labels == i + 1 for i in range(k)]) if k else torch.zeros((0, *out_size), dtype=bool)
+        return SegmentationResult(list(self.prompt['queries']), full[1:].numpy().astype(np.float32),
+                                  labels.numpy().astype(np.uint8), masks.numpy(), {})
+
+    def sd_latent_size(self, valid):
+        """Latent size of the padded input for a valid (resized) image size."""
+        m, f = self.sd.pad_multiple, self.sd.vae_scale_factor
+        return tuple(-(-d // m) * m // f for d in valid)
+
+
+def default_layers(unet, method):
+    """The papers' layer choices, expressed for any UNet by resolution level (0 = latent size).
+
+    stableseg / cross: cross-attention of the two coarsest attention levels (<= 16 at 512 px for SD);
+    self keys of all layers. t2m: T2M's indices on SD 1.x; otherwise the coarse levels for cross and the
+    middle up-path block one level below the latent size for self.
+    """
+    blocks = transformer_blocks(unet)
+    top = max(level for _, level in blocks)
+    coarse = [i for i, (_, level) in enumerate(blocks) if level >= top - 1]
+    if method != 't2m':
+        return {'cross': coarse, 'self': list(range(len(blocks))) if method == 'stableseg' else []}
+    if len(blocks) == 16 and [lv for _, lv in blocks][11] == 1:
+        return dict(SD_T2M_LAYERS)
+    up = [i for i, (name, level) in enumerate(blocks) if name.startswith('up_blocks') and level == min(1, top)]
+    return {'cross': coarse, 'self': [up[len(up) // 2]]}
+
+
+def clean_queries(queries):
+    """Strip, drop empty and duplicate phrases, bound count and length; returns (queries, warnings)."""
+    cleaned, warnings = [], []
+    for raw in queries:
+        text = ''.join(ch if ch.isprintable() else ' ' for ch in str(raw)).strip()
+        text = ' '.join(text.split())
+        if not text or text in cleaned:
+            continue
+        if len(text) > MAX_QUERY_CHARS:
+            warnings.append(f'query longer than {MAX_QUERY_CHARS} characters cut: {text[:40]}...')
+            text = text[:MAX_QUERY_CHARS]
+        cleaned.append(text)
+    if len(cleaned) > MAX_QUERIES:
+        warnings.append(f'more than {MAX_QUERIES} queries; dropped: ' + ', '.join(cleaned[MAX_QUERIES:]))
+        cleaned = cleaned[:MAX_QUERIES]
+    return cleaned, warnings
+
+
+def check_rgb(rgb):
+    """Validate an RGB frame: uint8 [H, W, 3] with H, W >= 8."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f'expected an RGB uint8 image [H, W, 3], got {rgb.dtype} {rgb.shape}')
+    if min(rgb.shape[:2]) < 8:
+        raise ValueError(f'image too small to segment: {rgb.shape[1]}x{rgb.shape[0]}')
+    return np.ascontiguousarray(rgb)
+
+
+def config_from_dict(values):
+    """SegmenterConfig from a dict (e.g. ROS parameters), ignoring unknown keys."""
+    known = asdict(SegmenterConfig())
+    return SegmenterConfig(**{k: v for k, v in values.items() if k in known})
