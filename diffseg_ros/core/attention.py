@@ -167,8 +167,7 @@ class AttentionCapture:
         return False
 
     def run(self, latents, timestep, text_embeddings):
-        """Run the UNet once on latents [B, C, h, w] and fill the capture (call inside `with`)."""
+        """Run the UNet once on latents [B, C, h, w], fill the capture (call inside `with`); returns its output."""
         self.cross, self.self_qk = {}, {}
         self.latent_size = tuple(latents.shape[-2:])
-        self.unet(latents, timestep, encoder_hidden_states=text_embeddings, return_dict=False)
-        return self
+        return self.unet(latents, timestep, encoder_hidden_states=text_embeddings, return_dict=False)[0]

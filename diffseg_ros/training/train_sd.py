@@ -1,0 +1,257 @@
+"""Train the embedded tiny Stable Diffusion on SynthWorld images and captions (never masks).
+
+Stages, each resumable from its checkpoint in the run folder:
+  1. data:  render N scenes (RGB + objects, for captions); cached as data.npz
+  2. vae:   AutoencoderKL (f=4) on the images; latent scaling factor = 1 / std of the latents
+  3. unet:  CLIPTextModel + UNet2DConditionModel trained jointly on the latents, epsilon prediction,
+            SD's noise schedule, captions re-phrased at every use, caption dropout for text dependence
+  4. export: fp16 diffusers folder + diffseg_defaults.json
+"""
+from dataclasses import asdict, dataclass
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import CLIPTextConfig
+
+from ..core.sd_models import build_sd_components, save_sd_components
+from ..synthworld import generate_scene
+from ..synthworld.captions import make_caption
+
+
+@dataclass
+class TrainConfig:
+    out: str = 'runs/sd'
+    size: int = 128
+    scenes: int = 20000
+    seed: int = 0
+    vae_steps: int = 3000
+    unet_steps: int = 20000
+    batch: int = 32
+    vae_lr: float = 5e-4
+    unet_lr: float = 5e-4
+    text_hidden: int = 128
+    text_layers: int = 3
+    unet_channels: tuple = (64, 128, 256)
+    caption_dropout: float = 0.1
+    checkpoint_every: int = 500
+    threads: int = 2
+
+
+def model_configs(cfg):
+    """Configs of the embedded model: f=4 VAE (128 px -> 32x32 latent); cross-attention at 32, 16 and 8."""
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * 4,
+                          num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
+                          projection_dim=cfg.text_hidden)
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 128),
+               down_block_types=('DownEncoderBlock2D',) * 3, up_block_types=('UpDecoderBlock2D',) * 3,
+               layers_per_block=1, norm_num_groups=16, sample_size=cfg.size)
+    c = tuple(cfg.unet_channels)
+    unet = dict(sample_size=cfg.size // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=c,
+                cross_attention_dim=cfg.text_hidden, attention_head_dim=4, norm_num_groups=16,
+                down_block_types=('CrossAttnDownBlock2D',) * 3, up_block_types=('CrossAttnUpBlock2D',) * 3)
+    return text, vae, unet
+
+
+# --- stage 1: data ---------------------------------------------------------------------------------------
+def build_dataset(cfg):
+    path = os.path.join(cfg.out, 'data.npz')
+    if os.path.isfile(path):
+        data = np.load(path, allow_pickle=False)
+        return data['images'], json.loads(str(data['objects']))
+    images, objects = np.zeros((cfg.scenes, cfg.size, cfg.size, 3), np.uint8), []
+    for i in tqdm(range(cfg.scenes), desc='render scenes'):
+        scene = generate_scene(cfg.seed * 10_000_000 + i, width=cfg.size, height=cfg.size)
+        images[i] = scene.rgb
+        objects.append([dict(category=o.category, colour=o.colour, pattern=o.pattern) for o in scene.objects])
+    np.savez(path, images=images, objects=json.dumps(objects))
+    return images, objects
+
+
+def to_pixels(images):
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# --- stage 2: VAE ----------------------------------------------------------------------------------------
+def train_vae(cfg, vae_cfg, images, rng):
+    path = os.path.join(cfg.out, 'vae')
+    vae = AutoencoderKL(**vae_cfg)
+    done = _load_stage(path, vae)
+    if done >= cfg.vae_steps:
+        return vae
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
+    _load_optimizer(path, opt)
+    vae.train()
+    bar = tqdm(range(done, cfg.vae_steps), desc='vae', initial=done, total=cfg.vae_steps)
+    for step in bar:
+        x = to_pixels(images[rng.integers(0, len(images), cfg.batch // 2)])
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample()).sample
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        loss = rec_loss + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(rec=f'{rec_loss.item():.4f}')
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
+            _save_stage(path, vae, opt, step + 1, dict(rec_loss=rec_loss.item()))
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(cfg, vae, images):
+    path = os.path.join(cfg.out, 'latents.safetensors')
+    if os.path.isfile(path):
+        cached = load_file(path)
+        vae.config.scaling_factor = float(cached['scaling'])
+        return cached['latents']
+    vae.eval()
+    chunks = [vae.encode(to_pixels(images[i:i + 64])).latent_dist.mean
+              for i in tqdm(range(0, len(images), 64), desc='encode latents')]
+    latents = torch.cat(chunks)
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+    save_file({'latents': latents.contiguous(), 'scaling': torch.tensor(scaling)}, path)
+    return latents
+
+
+# --- stage 3: text encoder + UNet --------------------------------------------------------------------------
+def train_unet(cfg, parts, latents, objects, rng):
+    path = os.path.join(cfg.out, 'unet')
+    text_encoder, unet, tokenizer = parts.text_encoder, parts.unet, parts.tokenizer
+    done = _load_stage(path, unet, text_encoder)
+    if done >= cfg.unet_steps:
+        return
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    _load_optimizer(path, opt)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.unet_steps), last_epoch=-1)
+    for _ in range(done):
+        sched.step()
+    scheduler = parts.scheduler
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(done, cfg.unet_steps), desc='unet', initial=done, total=cfg.unet_steps)
+    ema = None
+    for step in bar:
+        idx = rng.integers(0, len(latents), cfg.batch)
+        x0 = latents[idx]
+        flip = torch.from_numpy(rng.random(cfg.batch) < 0.5)
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        captions = [make_caption(objects[i], rng) if rng.random() >= cfg.caption_dropout else '' for i in idx]
+        ids = tokenizer(captions, padding='max_length', max_length=77, truncation=True, return_tensors='pt').input_ids
+        noise = torch.randn_like(x0)
+        t = torch.from_numpy(rng.integers(0, scheduler.config.num_train_timesteps, cfg.batch)).long()
+        noisy = scheduler.add_noise(x0, noise, t)
+        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        bar.set_postfix(loss=f'{ema:.4f}', lr=f'{sched.get_last_lr()[0]:.1e}')
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+            _save_stage(path, unet, opt, step + 1, dict(loss_ema=ema), text_encoder)
+    unet.eval()
+    text_encoder.eval()
+
+
+def lr_factor(step, total, warmup=500):
+    """Linear warm-up then cosine decay to 10 %."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+def _save_stage(path, model, opt, step, metrics, extra=None):
+    """Atomic checkpoint: weights as safetensors, optimizer state with torch.save (our own file)."""
+    os.makedirs(path, exist_ok=True)
+    tensors = {f'model.{k}': v.contiguous() for k, v in model.state_dict().items()}
+    if extra is not None:
+        tensors.update({f'extra.{k}': v.contiguous() for k, v in extra.state_dict().items()})
+    save_file(tensors, os.path.join(path, 'weights.tmp'))
+    torch.save(opt.state_dict(), os.path.join(path, 'optimizer.tmp'))
+    with open(os.path.join(path, 'state.tmp'), 'w') as f:
+        json.dump(dict(step=step, time=time.time(), **metrics), f)
+    for name, ext in (('weights', 'safetensors'), ('optimizer', 'pt'), ('state', 'json')):
+        os.replace(os.path.join(path, f'{name}.tmp'), os.path.join(path, f'{name}.{ext}'))
+    with open(os.path.join(path, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(dict(step=step, **metrics)) + '\n')
+
+
+def _load_stage(path, model, extra=None):
+    state = os.path.join(path, 'state.json')
+    if not os.path.isfile(state):
+        return 0
+    tensors = load_file(os.path.join(path, 'weights.safetensors'))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('model.')})
+    if extra is not None:
+        extra.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('extra.')})
+    with open(state) as f:
+        return json.load(f)['step']
+
+
+def _load_optimizer(path, opt):
+    file = os.path.join(path, 'optimizer.pt')
+    if os.path.isfile(file):
+        opt.load_state_dict(torch.load(file, weights_only=True))
+
+
+# --- main --------------------------------------------------------------------------------------------------
+def train(cfg, export_dir=None):
+    """Run (or resume) every stage; export the fp16 diffusers folder when export_dir is given."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, 'config.json'), 'w') as f:
+        json.dump(asdict(cfg), f, indent=1)
+    rng = np.random.default_rng(cfg.seed)
+    text_cfg, vae_cfg, unet_cfg = model_configs(cfg)
+    images, objects = build_dataset(cfg)
+    vae = train_vae(cfg, vae_cfg, images, rng)
+    latents = encode_latents(cfg, vae, images)
+    parts = build_sd_components((text_cfg, vae_cfg, unet_cfg), seed=cfg.seed)
+    parts.vae = vae
+    for module in (parts.text_encoder, parts.unet):
+        module.requires_grad_(True)
+    train_unet(cfg, parts, latents, objects, rng)
+    if export_dir:
+        export(parts, export_dir)
+    return parts
+
+
+def export(parts, out_dir, defaults=None):
+    """Write the fp16 diffusers folder the node loads (plus diffseg_defaults.json when given)."""
+    save_sd_components(parts, out_dir, half=True)
+    if defaults:
+        with open(os.path.join(out_dir, 'diffseg_defaults.json'), 'w') as f:
+            json.dump(defaults, f, indent=1)
+    return out_dir
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser('sd', help='train the tiny SynthWorld Stable Diffusion (resumable)')
+    for name, value in asdict(TrainConfig()).items():
+        flag = '--' + name.replace('_', '-')
+        if isinstance(value, tuple):
+            parser.add_argument(flag, type=int, nargs='+', default=list(value))
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument('--export', default=None, help='write the fp16 diffusers folder here when done')
+    parser.set_defaults(func=lambda a: train(TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                                             for k, v in vars(a).items()
+                                                             if k in asdict(TrainConfig())}), a.export))
+
