@@ -37,6 +37,12 @@ def transformer_blocks(unet):
     return blocks
 
 
+def has_self_attention(unet, name):
+    """False for blocks built with only_cross_attention (their attn1 attends to the text)."""
+    block = dict(unet.named_modules())[name].transformer_blocks[0]
+    return not block.only_cross_attention
+
+
 def resolve_layers(unet, layers):
     """Map layer ids (forward-order indices or module names) to transformer module names."""
     names = [name for name, _ in transformer_blocks(unet)]
@@ -151,6 +157,8 @@ class AttentionCapture:
         modules = dict(self.unet.named_modules())
         for name in set(self.cross_layers) | set(self.self_layers):
             block = modules[name].transformer_blocks[0]
+            if name in self.self_layers and block.only_cross_attention:
+                raise ValueError(f'layer {name} has no self-attention (only_cross_attention)')
             for attr, keep in (('attn1', dict(keep_qk=name in self.self_layers)),
                                ('attn2', dict(keep_cross=name in self.cross_layers))):
                 attn = getattr(block, attr)

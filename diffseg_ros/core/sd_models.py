@@ -4,6 +4,7 @@ The folder layout is the one of a diffusers Stable Diffusion checkpoint:
 tokenizer/, text_encoder/, vae/, unet/, scheduler/ (one config + weights per component).
 """
 from dataclasses import dataclass
+import copy
 import hashlib
 import json
 import os
@@ -139,9 +140,7 @@ def save_sd_components(components, out_dir, half=False):
 
 
 def _half_copy(module):
-    copy = type(module)(module.config) if not isinstance(module, CLIPTextModel) else CLIPTextModel(module.config)
-    copy.load_state_dict(module.state_dict())
-    return copy.half()
+    return copy.deepcopy(module).half()
 
 
 def tiny_configs():

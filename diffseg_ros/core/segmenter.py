@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 
-from .attention import AttentionCapture, resolve_layers, transformer_blocks
+from .attention import AttentionCapture, has_self_attention, resolve_layers, transformer_blocks
 from .methods import METHODS
 from .methods.common import resize
 from .prompts import DEFAULT_BACKGROUND_WORDS, compose_prompt
@@ -232,11 +232,12 @@ def default_layers(unet, method):
     blocks = transformer_blocks(unet)
     top = max(level for _, level in blocks)
     coarse = [i for i, (_, level) in enumerate(blocks) if level >= top - 1]
+    with_self = [i for i, (name, _) in enumerate(blocks) if has_self_attention(unet, name)]
     if method != 't2m':
-        return {'cross': coarse, 'self': list(range(len(blocks))) if method == 'stableseg' else []}
+        return {'cross': coarse, 'self': with_self if method == 'stableseg' else []}
     if len(blocks) == 16 and [lv for _, lv in blocks][11] == 1:
         return dict(SD_T2M_LAYERS)
-    up = [i for i, (name, level) in enumerate(blocks) if name.startswith('up_blocks') and level == min(1, top)]
+    up = [i for i in with_self if blocks[i][0].startswith('up_blocks') and blocks[i][1] == min(1, top)]
     return {'cross': coarse, 'self': [up[len(up) // 2]]}
 
 

@@ -1,0 +1,134 @@
+"""`diffseg bench`: cost of the segmentation pipeline relative to a bare VAE encode + UNet forward.
+
+Everything is measured in one run on the same model (SD 1.5 architecture with random weights by
+default), so the ratios hold even though absolute timings swing between machines and runs.
+Peak memory is the process's peak resident set during a call (weights included), sampled by a thread;
+the growth above the idle process is reported too.
+"""
+import json
+import os
+import statistics
+import threading
+import time
+
+import numpy as np
+import torch
+
+from ..core.sd_models import build_sd_components, load_sd_components, sd15_configs
+from ..core.segmenter import Segmenter, SegmenterConfig
+
+QUERIES = ['red mug', 'blue bottle', 'green ball', 'yellow box', 'white bowl', 'black can', 'brown book',
+           'plant pot']
+
+
+def rss_bytes():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+class PeakMemory:
+    """Context manager sampling RSS every millisecond; `.peak` is the growth above the entry value."""
+
+    def __enter__(self):
+        self.base = self.peak_rss = rss_bytes()
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while self._running:
+            self.peak_rss = max(self.peak_rss, rss_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._running = False
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, rss_bytes())
+        self.peak = self.peak_rss - self.base
+
+
+def measure(fn, repeats):
+    """Median seconds, peak RSS MB and peak growth MB of fn() over repeats (after one warm-up call)."""
+    fn()
+    times, peaks, growths = [], [], []
+    for _ in range(repeats):
+        with PeakMemory() as mem:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        peaks.append(mem.peak_rss / 2 ** 20)
+        growths.append(mem.peak / 2 ** 20)
+    return dict(seconds=statistics.median(times), peak_mb=max(peaks), growth_mb=max(growths))
+
+
+def bare_forward(seg, rgb):
+    """VAE encode + one UNet forward with the stock attention processors: the floor any method pays."""
+    def run():
+        with torch.inference_mode():
+            pixels, _ = seg._preprocess(rgb)
+            latent = seg._encode(pixels)
+            t = torch.tensor([seg.timestep])
+            seg.sd.unet(latent, t, encoder_hidden_states=seg.prompt['embeddings'], return_dict=False)
+    return run
+
+
+def run_bench(size=256, repeats=3, methods=('cross', 'stableseg', 't2m'), model_path=None, dtype='float32'):
+    """Measure bare vs pipeline for 1, 4 and 8 queries per method; return a JSON-able dict."""
+    torch.manual_seed(0)
+    sd = (load_sd_components(model_path, dtype=dtype) if model_path
+          else build_sd_components(sd15_configs(), seed=0, dtype=dtype))
+    rgb = np.random.default_rng(0).integers(0, 256, (size * 3 // 4, size, 3), dtype=np.uint8)
+    report = dict(model=model_path or 'SD 1.5 architecture, random weights', size=size, dtype=dtype,
+                  threads=torch.get_num_threads(), methods={})
+    for method in methods:
+        seg = Segmenter(SegmenterConfig(method=method, image_size=size, dtype=dtype), components=sd)
+        seg.set_queries(QUERIES[:1])
+        bare = measure(bare_forward(seg, rgb), repeats)
+        rows = {}
+        for n in (1, 4, 8):
+            seg.set_queries(QUERIES[:n])
+            rows[n] = measure(lambda: seg.segment(rgb), repeats)
+        peak = max(r['peak_mb'] for r in rows.values())
+        report['methods'][method] = dict(
+            bare=bare, queries=rows, pipeline_over_bare=rows[1]['seconds'] / bare['seconds'],
+            q8_over_q1=rows[8]['seconds'] / rows[1]['seconds'],
+            memory_overhead=(peak - bare['peak_mb']) / bare['peak_mb'],
+            growth_over_bare_mb=max(r['growth_mb'] for r in rows.values()) - bare['growth_mb'])
+    return report
+
+
+def print_report(report):
+    print(f"model: {report['model']}  input: {report['size']} px  dtype: {report['dtype']}  "
+          f"threads: {report['threads']}")
+    print(f"{'method':10s} {'bare s':>8s} {'1q s':>8s} {'4q s':>8s} {'8q s':>8s} {'pipe/bare':>10s} "
+          f"{'8q/1q':>7s} {'bare MB':>8s} {'peak MB':>8s} {'mem +%':>7s} {'+act MB':>8s}")
+    for name, m in report['methods'].items():
+        q = m['queries']
+        print(f"{name:10s} {m['bare']['seconds']:8.3f} {q[1]['seconds']:8.3f} {q[4]['seconds']:8.3f} "
+              f"{q[8]['seconds']:8.3f} {m['pipeline_over_bare']:10.3f} {m['q8_over_q1']:7.3f} "
+              f"{m['bare']['peak_mb']:8.0f} {max(r['peak_mb'] for r in q.values()):8.0f} "
+              f"{100 * m['memory_overhead']:7.1f} {m['growth_over_bare_mb']:8.1f}")
+    print('targets: pipeline/bare <= 1.15, 8q/1q <= 1.10, memory overhead <= 10 %')
+
+
+def main(args):
+    report = run_bench(size=512 if args.large else args.size, repeats=args.repeats, methods=args.methods,
+                       model_path=args.model, dtype=args.dtype)
+    print_report(report)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser('bench', help='pipeline vs bare UNet cost, query scaling and peak memory')
+    p.add_argument('--size', type=int, default=256, help='input long side in px (default 256)')
+    p.add_argument('--large', action='store_true', help='use 512 px input')
+    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--methods', nargs='+', default=['cross', 'stableseg', 't2m'])
+    p.add_argument('--model', default=None, help='a local diffusers folder instead of random SD 1.5 weights')
+    p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
+    p.add_argument('--json', default=None, help='write machine-readable results here')
+    p.set_defaults(func=main)

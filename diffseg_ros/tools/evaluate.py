@@ -1,0 +1,168 @@
+"""`diffseg eval`: segmentation accuracy of each method on held-out SynthWorld scenes.
+
+A query is the caption phrase of one visible object ("red mug"); its IoU compares the query's mask with
+that object's instance truth. Reported: mIoU over all queries, per-category IoU, the composed-prompt
+setting (all of a scene's objects in one prompt, one forward) and one query at a time, plus sweeps of
+timestep and layer choice on a subset. JSON + a PNG report (examples and bar charts).
+"""
+from dataclasses import replace
+import json
+import os
+
+import numpy as np
+from tqdm import tqdm
+
+from ..core.attention import transformer_blocks
+from ..core.sd_models import load_sd_components
+from ..core.segmenter import Segmenter, SegmenterConfig
+from ..synthworld import generate_scene
+
+EVAL_SEED = 1_000_000_000      # held-out scenes start here; training uses seeds below 10^9
+
+
+def iou(mask, truth):
+    union = np.logical_or(mask, truth).sum()
+    return float(np.logical_and(mask, truth).sum() / union) if union else 0.0
+
+
+def held_out_scenes(seed, count, size):
+    return [generate_scene(seed + i, width=size, height=size) for i in range(count)]
+
+
+def score_scene(seg, scene, mode):
+    """IoU of each visible object's phrase; mode 'composed' (one prompt) or 'single' (one per query)."""
+    phrases = [o.phrase for o in scene.objects]
+    if mode == 'composed':
+        result = seg.segment(scene.rgb, phrases)
+        masks = dict(zip(result.queries, result.masks))
+    else:
+        masks = {p: seg.segment(scene.rgb, [p]).masks[0] for p in phrases}
+    return [dict(query=o.phrase, category=o.category, iou=iou(masks.get(o.phrase, False), scene.instances == o.instance_id))
+            for o in scene.objects]
+
+
+def summarise(rows):
+    categories = sorted({r['category'] for r in rows})
+    return dict(miou=float(np.mean([r['iou'] for r in rows])) if rows else 0.0, queries=len(rows),
+                per_category={c: float(np.mean([r['iou'] for r in rows if r['category'] == c])) for c in categories})
+
+
+def evaluate_method(sd, config, scenes, mode='composed', desc=''):
+    seg = Segmenter(config, components=sd)
+    rows = [row for scene in tqdm(scenes, desc=desc, leave=False) for row in score_scene(seg, scene, mode)]
+    return summarise(rows), rows
+
+
+def sweeps(sd, base, scenes):
+    """mIoU vs timestep (t2m, stableseg) and vs single cross / self layer (cross, t2m)."""
+    out = {'timestep': {}, 'cross_layer': {}, 't2m_self_layer': {}}
+    for method in ('t2m', 'stableseg'):
+        out['timestep'][method] = {t: evaluate_method(sd, replace(base, method=method, timestep=t), scenes,
+                                                      desc=f'{method} t={t}')[0]['miou']
+                                   for t in (1, 50, 150, 300, 500)}
+    blocks = transformer_blocks(sd.unet)
+    for i, (name, level) in enumerate(blocks):
+        key = f'{i}:{name}@L{level}'
+        out['cross_layer'][key] = evaluate_method(sd, replace(base, method='cross', cross_layers=(i,)), scenes,
+                                                  desc=f'cross {key}')[0]['miou']
+        out['t2m_self_layer'][key] = evaluate_method(sd, replace(base, method='t2m', self_layers=(i,)), scenes,
+                                                     desc=f't2m self {key}')[0]['miou']
+    return out
+
+
+def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=('cross', 'stableseg', 't2m'), size=128,
+             single=True, sweep_scenes=0, report_png=None, dtype='float32'):
+    sd = load_sd_components(model_path, dtype=dtype)
+    scenes = held_out_scenes(seed, count, size)
+    base = SegmenterConfig(model_path=model_path, dtype=dtype)
+    report = dict(model=sd.path, seed=seed, scenes=count, size=size, methods={})
+    for method in methods:
+        config = replace(base, method=method)
+        composed, rows = evaluate_method(sd, config, scenes, 'composed', desc=f'{method} composed')
+        entry = dict(miou=composed['miou'], composed=composed, composed_rows=rows)
+        if single:
+            entry['single'] = evaluate_method(sd, config, scenes, 'single', desc=f'{method} single')[0]
+        report['methods'][method] = entry
+    if sweep_scenes:
+        report['sweeps'] = sweeps(sd, base, scenes[:sweep_scenes])
+    report['best'] = max(report['methods'], key=lambda m: report['methods'][m]['miou'])
+    if report_png:
+        write_report_png(report, sd, scenes[:4], report_png)
+    return report
+
+
+def write_report_png(report, sd, scenes, path):
+    """Example grid (image / truth / each method's labels) and bar charts of mIoU and per-category IoU."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    methods = list(report['methods'])
+    fig = plt.figure(figsize=(3 * (2 + len(methods)), 3 * (len(scenes) + 2)))
+    grid = fig.add_gridspec(len(scenes) + 2, 2 + len(methods))
+    segmenters = {m: Segmenter(SegmenterConfig(method=m), components=sd) for m in methods}
+    for r, scene in enumerate(scenes):
+        phrases = [o.phrase for o in scene.objects]
+        truth = np.zeros(scene.instances.shape, np.int32)
+        for k, o in enumerate(scene.objects):
+            truth[scene.instances == o.instance_id] = k + 1
+        panels = [('image', scene.rgb), ('truth', truth)]
+        panels += [(m, segmenters[m].segment(scene.rgb, phrases).labels) for m in methods]
+        for c, (title, image) in enumerate(panels):
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(image, cmap=None if image.ndim == 3 else 'tab10', vmin=0, vmax=9, interpolation='nearest')
+            ax.set_title(title if r else f'{title}\n' + ', '.join(phrases)[:60], fontsize=8)
+            ax.axis('off')
+    ax = fig.add_subplot(grid[len(scenes), :])
+    x = np.arange(len(methods))
+    ax.bar(x - 0.2, [report['methods'][m]['miou'] for m in methods], 0.4, label='composed prompt')
+    if all('single' in report['methods'][m] for m in methods):
+        ax.bar(x + 0.2, [report['methods'][m]['single']['miou'] for m in methods], 0.4, label='one query at a time')
+    ax.set_xticks(x, methods)
+    ax.set_ylabel('mIoU')
+    ax.set_ylim(0, 1)
+    ax.axhline(0.5, color='grey', lw=0.5, ls='--')
+    ax.legend()
+    ax = fig.add_subplot(grid[len(scenes) + 1, :])
+    cats = sorted(report['methods'][methods[0]]['composed']['per_category'])
+    for i, m in enumerate(methods):
+        vals = [report['methods'][m]['composed']['per_category'].get(c, 0) for c in cats]
+        ax.bar(np.arange(len(cats)) + (i - 1) * 0.27, vals, 0.27, label=m)
+    ax.set_xticks(np.arange(len(cats)), cats, fontsize=8)
+    ax.set_ylabel('IoU per category')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(args):
+    report = run_eval(args.model, args.seed, args.scenes, tuple(args.methods), args.size, not args.no_single,
+                      args.sweep_scenes, args.report, args.dtype)
+    for m, entry in report['methods'].items():
+        single = f"  single {entry['single']['miou']:.3f}" if 'single' in entry else ''
+        print(f"{m:10s} mIoU composed {entry['miou']:.3f}{single}  ({entry['composed']['queries']} queries)")
+    print(f"best: {report['best']}")
+    if args.json:
+        slim = json.loads(json.dumps(report))
+        for entry in slim['methods'].values():
+            entry.pop('composed_rows')
+        with open(args.json, 'w') as f:
+            json.dump(slim, f, indent=1)
+    return 0
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser('eval', help='accuracy of each method on held-out SynthWorld scenes')
+    p.add_argument('--model', default='', help="diffusers folder ('' = embedded SynthWorld model)")
+    p.add_argument('--seed', type=int, default=EVAL_SEED, help='first held-out scene seed')
+    p.add_argument('--scenes', type=int, default=100)
+    p.add_argument('--size', type=int, default=128)
+    p.add_argument('--methods', nargs='+', default=['cross', 'stableseg', 't2m'])
+    p.add_argument('--no-single', action='store_true', help='skip the one-query-at-a-time setting')
+    p.add_argument('--sweep-scenes', type=int, default=0, help='run timestep/layer sweeps on this many scenes')
+    p.add_argument('--dtype', default='float32')
+    p.add_argument('--json', default=None)
+    p.add_argument('--report', default=None, help='PNG report path')
+    p.set_defaults(func=main)
+    os.environ.setdefault('MPLBACKEND', 'Agg')

@@ -1,0 +1,8 @@
+"""`diffseg train VERB`: training of the embedded models."""
+from ..training import train_sd
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser('train', help='train the embedded models (resumable)')
+    verbs = parser.add_subparsers(dest='train_verb', required=True, metavar='VERB')
+    train_sd.add_parser(verbs)
