@@ -74,6 +74,15 @@ class QuerySet:
 
 
 @dataclass
+class FrameAttention:
+    capture: AttentionCapture    # maps of the frame's single UNet forward
+    spans: list                  # token positions of each active query
+    valid: tuple                 # (h, w) of the resized image inside the padded model input
+    out_size: tuple              # (H, W) of the input frame
+    timings: dict
+
+
+@dataclass
 class SegmentationResult:
     queries: list
     probabilities: np.ndarray    # float32 [K, H, W]
@@ -157,20 +166,44 @@ class Segmenter:
         """Segment an RGB uint8 [H, W, 3] frame for the active (or the given) queries."""
         if queries is not None:
             self.set_queries(queries)
+        frame = self.attend(rgb)
+        start = time.perf_counter()
+        scores = self.method.scores(frame.capture, frame.spans, cross_layers=self.cross_layers,
+                                    self_layers=self.self_layers, tau=self.config.tau,
+                                    background_threshold=self.config.background_threshold,
+                                    box_threshold=self.config.box_threshold)
+        result = self._postprocess(self.to_image(scores, frame))
+        result.timings = dict(frame.timings, post=time.perf_counter() - start)
+        result.timings['total'] = sum(result.timings.values())
+        return result
+
+    def attend(self, rgb, cross_layers=None, self_layers=None):
+        """One VAE encode + one UNet forward on a frame with the active prompt; the capture holds the maps.
+
+        Layers default to the method's; other core features (instances, concepts) pass their own.
+        """
         if self.prompt is None:
             raise ValueError('no active query: call set_queries() first')
         rgb = check_rgb(rgb)
+        cross = self.cross_layers if cross_layers is None else cross_layers
+        selfs = self.self_layers if self_layers is None else self_layers
         start = time.perf_counter()
         with torch.inference_mode():
             pixels, valid = self._preprocess(rgb)
-            latent = self._encode(pixels)
+            latents = self._noised(self._encode(pixels))
             encoded = time.perf_counter()
-            scores = self._attention_scores(latent)
-        forward = time.perf_counter()
-        result = self._postprocess(scores, valid, rgb.shape[:2])
-        result.timings = dict(encode=encoded - start, unet=forward - encoded,
-                              post=time.perf_counter() - forward, total=time.perf_counter() - start)
-        return result
+            text = self.prompt['embeddings'].expand(len(latents), -1, -1)
+            timesteps = torch.tensor([self.timestep] * len(latents), device=latents.device)
+            with AttentionCapture(self.sd.unet, cross, selfs) as capture:
+                capture.run(latents, timesteps, text)
+        timings = dict(encode=encoded - start, unet=time.perf_counter() - encoded)
+        return FrameAttention(capture, self.prompt['spans'], valid, rgb.shape[:2], timings)
+
+    def to_image(self, maps, frame):
+        """Maps [C, h, w] covering the padded model input -> [C, H, W] at the frame's input resolution."""
+        padded = tuple(d * self.sd.vae_scale_factor for d in self.sd_latent_size(frame.valid))
+        full = resize(maps[None].float(), padded)[0, :, :frame.valid[0], :frame.valid[1]]
+        return resize(full[None], frame.out_size)[0]
 
     def _preprocess(self, rgb):
         """Resize keeping aspect (long side = image_size), pad bottom/right to the UNet's multiple."""
@@ -188,31 +221,22 @@ class Segmenter:
         """Clean image latent (posterior mean, scaled as in SD training)."""
         return self.sd.vae.encode(pixels).latent_dist.mean * self.sd.latent_scaling
 
-    def _attention_scores(self, latent):
-        prompt, t = self.prompt, self.timestep
-        latents = latent
-        if self.method is METHODS['t2m'] and t > 0:
-            generator = torch.Generator(device='cpu').manual_seed(self.config.seed)
-            noise = torch.randn((self.config.noise_samples, *latent.shape[1:]), generator=generator)
-            latents = self.sd.scheduler.add_noise(latent.expand(len(noise), -1, -1, -1), noise.to(latent),
-                                                  torch.tensor([t]))
-        text = prompt['embeddings'].expand(len(latents), -1, -1)
-        with AttentionCapture(self.sd.unet, self.cross_layers, self.self_layers) as capture:
-            capture.run(latents, torch.tensor([t] * len(latents), device=latents.device), text)
-        return self.method.scores(capture, prompt['spans'], cross_layers=self.cross_layers,
-                                  self_layers=self.self_layers, background_threshold=self.config.background_threshold,
-                                  box_threshold=self.config.box_threshold, tau=self.config.tau)
+    def _noised(self, latent):
+        """t2m noises the latent at its timestep, one seeded draw per noise sample; others use it clean."""
+        if self.method is not METHODS['t2m'] or self.timestep == 0:
+            return latent
+        generator = torch.Generator(device='cpu').manual_seed(self.config.seed)
+        noise = torch.randn((self.config.noise_samples, *latent.shape[1:]), generator=generator)
+        return self.sd.scheduler.add_noise(latent.expand(len(noise), -1, -1, -1), noise.to(latent),
+                                           torch.tensor([self.timestep]))
 
-    def _postprocess(self, scores, valid, out_size):
-        """Scores [K+1, h, w] over the padded input -> probabilities, labels and masks at out_size."""
-        padded = tuple(d * self.sd.vae_scale_factor for d in self.sd_latent_size(valid))
-        full = resize(scores[None].float(), padded)[0, :, :valid[0], :valid[1]]
-        full = resize(full[None], out_size)[0].clamp(0, 1)
+    def _postprocess(self, full):
+        """Scores [K+1, H, W] (channel 0 background) -> probabilities, labels and masks."""
+        full = full.clamp(0, 1)
         labels = full.argmax(0)
         if self.config.mask_threshold > 0:
             labels[full.max(0).values < self.config.mask_threshold] = 0
-        k = full.shape[0] - 1
-        masks = torch.stack([labels == i + 1 for i in range(k)]) if k else torch.zeros((0, *out_size), dtype=bool)
+        masks = torch.stack([labels == i + 1 for i in range(full.shape[0] - 1)])
         return SegmentationResult(list(self.prompt['queries']), full[1:].numpy().astype(np.float32),
                                   labels.numpy().astype(np.uint8), masks.numpy(), {})
 
