@@ -64,7 +64,7 @@ def model_configs(cfg):
                layers_per_block=1, norm_num_groups=16, sample_size=cfg.size)
     c = tuple(cfg.unet_channels)
     unet = dict(sample_size=cfg.size // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=c,
-                cross_attention_dim=cfg.text_hidden, attention_head_dim=tuple(ch // 32 for ch in c),
+                cross_attention_dim=cfg.text_hidden, attention_head_dim=tuple(max(1, ch // 32) for ch in c),
                 only_cross_attention=[True, False, False], norm_num_groups=16,
                 down_block_types=('CrossAttnDownBlock2D',) * 3, up_block_types=('CrossAttnUpBlock2D',) * 3)
     return text, vae, unet
@@ -168,19 +168,21 @@ def encode_latents(cfg, vae, images):
 
 
 # --- stage 3: text encoder + UNet --------------------------------------------------------------------------
-def train_unet(cfg, parts, latents, objects, rng):
+def train_unet(cfg, parts, latents, objects):
     path = os.path.join(cfg.out, 'unet')
-    text_encoder, unet, tokenizer = parts.text_encoder, parts.unet, parts.tokenizer
+    text_encoder, unet = parts.text_encoder, parts.unet
     done = _load_stage(path, unet, text_encoder)
     if done >= cfg.unet_steps:
         return
+    for module in (unet, text_encoder):
+        module.requires_grad_(True)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     _load_optimizer(path, opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.unet_steps), last_epoch=-1)
     for _ in range(done):
         sched.step()
-    scheduler = parts.scheduler
+    rng = np.random.default_rng([cfg.seed, done])   # a resumed run does not replay the first batches
     unet.train()
     text_encoder.train()
     bar = tqdm(range(done, cfg.unet_steps), desc='unet', initial=done, total=cfg.unet_steps)
@@ -191,12 +193,8 @@ def train_unet(cfg, parts, latents, objects, rng):
         flip = torch.from_numpy(rng.random(cfg.batch) < 0.5)
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         captions = [training_caption(objects[i], rng) if rng.random() >= cfg.caption_dropout else '' for i in idx]
-        ids = tokenizer(captions, padding='max_length', max_length=77, truncation=True, return_tensors='pt').input_ids
-        noise = torch.randn_like(x0)
-        t = torch.from_numpy(rng.integers(0, scheduler.config.num_train_timesteps, cfg.batch)).long()
-        noisy = scheduler.add_noise(x0, noise, t)
-        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        t = torch.from_numpy(rng.integers(0, parts.scheduler.config.num_train_timesteps, cfg.batch)).long()
+        loss = denoising_loss(parts, x0, captions, t, torch.randn_like(x0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -210,8 +208,18 @@ def train_unet(cfg, parts, latents, objects, rng):
     text_encoder.eval()
 
 
+def denoising_loss(parts, x0, captions, t, noise):
+    """SD's objective: predict the noise added to latents x0 at timesteps t, given the captions."""
+    ids = parts.tokenizer(captions, padding='max_length', max_length=77, truncation=True,
+                          return_tensors='pt').input_ids
+    noisy = parts.scheduler.add_noise(x0, noise, t)
+    pred = parts.unet(noisy, t, encoder_hidden_states=parts.text_encoder(ids)[0]).sample
+    return F.mse_loss(pred, noise)
+
+
 def lr_factor(step, total, warmup=500):
     """Linear warm-up then cosine decay to 10 %."""
+    warmup = min(warmup, max(1, total // 10))
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -268,9 +276,7 @@ def train(cfg, export_dir=None):
     latents = encode_latents(cfg, vae, images)
     parts = build_sd_components((text_cfg, vae_cfg, unet_cfg), seed=cfg.seed)
     parts.vae = vae
-    for module in (parts.text_encoder, parts.unet):
-        module.requires_grad_(True)
-    train_unet(cfg, parts, latents, objects, rng)
+    train_unet(cfg, parts, latents, objects)
     if export_dir:
         export(parts, export_dir)
     return parts
