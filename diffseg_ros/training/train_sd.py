@@ -27,6 +27,7 @@ from transformers import CLIPTextConfig
 from ..core.sd_models import build_sd_components, save_sd_components
 from ..synthworld import generate_scene
 from ..synthworld.captions import make_caption
+from .probe import probe
 
 
 @dataclass
@@ -46,6 +47,7 @@ class TrainConfig:
     unet_channels: tuple = (32, 64, 128)
     caption_dropout: float = 0.1
     checkpoint_every: int = 500
+    probe_every: int = 1000          # per-layer localisation AUC on held-out scenes (0 = off)
     threads: int = 2
 
 
@@ -202,8 +204,14 @@ def train_unet(cfg, parts, latents, objects):
         sched.step()
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f'{ema:.4f}', lr=f'{sched.get_last_lr()[0]:.1e}')
+        metrics = dict(loss_ema=ema)
+        if cfg.probe_every and (step + 1) % cfg.probe_every == 0:
+            metrics['layer_auc'] = probe(parts, scenes=8, size=cfg.size)
+            tqdm.write(f'step {step + 1} layer AUC: ' + ', '.join(f'{v:.2f}' for v in metrics['layer_auc'].values()))
+            unet.train()
+            text_encoder.train()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            _save_stage(path, unet, opt, step + 1, dict(loss_ema=ema), text_encoder)
+            _save_stage(path, unet, opt, step + 1, metrics, text_encoder)
     unet.eval()
     text_encoder.eval()
 

@@ -1,0 +1,207 @@
+"""`diffseg demo` (`make demo`): camera, segmentation node and a planner as separate processes over DDS.
+
+The SynthWorld camera orbits one household scene; the node runs with the embedded model; this process
+is the planner: it asks for "red mug", then for two objects at once, waits until `~/queries` confirms
+each request, prints the IoU of every answer against the camera's ground truth as frames arrive, saves
+the overlays and ends with a summary. DDS stays on localhost with a private domain id.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+
+from ..synthworld import generate_scene
+
+REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'config')
+FIRST_QUERY = 'red mug'
+DEMO_SEED = 1_000_000_006       # a held-out scene with a red mug among other objects
+
+
+def demo_environment():
+    """Localhost-only DDS, a domain id from the pid, the large-image shared-memory profile."""
+    return dict(ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST', ROS_DOMAIN_ID=str(150 + os.getpid() % 80),
+                FASTDDS_DEFAULT_PROFILES_FILE=os.path.join(REPO_CONFIG, 'fastdds_localhost.xml'),
+                AMENT_PREFIX_PATH=sys.prefix, RCUTILS_COLORIZED_OUTPUT='0', PYTHONUNBUFFERED='1')
+
+
+def find_scene(seed, width, height, phrase=FIRST_QUERY, tries=400):
+    """First seed from `seed` whose scene shows `phrase` among at least three objects."""
+    for s in range(seed, seed + tries):
+        scene = generate_scene(s, width=width, height=height)
+        if len(scene.objects) >= 3 and phrase in [o.phrase for o in scene.objects]:
+            return scene
+    raise RuntimeError(f'no scene with a {phrase} in seeds {seed}..{seed + tries - 1}')
+
+
+def start(module, *ros_args, log_dir):
+    log = open(os.path.join(log_dir, module.rsplit('.', 1)[-1] + '.log'), 'w')
+    cmd = [sys.executable, '-m', module, '--ros-args', *ros_args]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+def stop(process):
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+class Planner:
+    """The planner's side: publishes queries, matches answers to the camera's truth by header stamp."""
+
+    def __init__(self, out_dir):
+        import rclpy
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+        from sensor_msgs.msg import Image
+        from std_msgs.msg import String
+
+        from ..ros.image_codec import image_msg_to_numpy
+
+        self.rclpy, self.decode, self.out_dir = rclpy, image_msg_to_numpy, out_dir
+        self.node = rclpy.create_node('demo_planner')
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self.query_pub = self.node.create_publisher(String, 'query', reliable)
+        self.truth, self.answers, self.confirmed, self.saved = {}, [], None, 0
+        self.node.create_subscription(Image, 'camera/instances', self._on_truth, reliable)
+        self.node.create_subscription(String, 'camera/scene_info', self._on_info, reliable)
+        self.node.create_subscription(Image, 'diffseg/semantic', self._on_semantic, reliable)
+        self.node.create_subscription(Image, 'diffseg/overlay', self._on_overlay, reliable)
+        self.node.create_subscription(String, 'diffseg/queries', self._on_queries, latched)
+
+    @staticmethod
+    def _stamp(msg):
+        return (msg.header.stamp.sec, msg.header.stamp.nanosec)
+
+    def _on_truth(self, msg):
+        self.truth.setdefault(self._stamp(msg), {})['instances'] = self.decode(msg)
+        for old in sorted(self.truth)[:-50]:
+            del self.truth[old]
+
+    def _on_info(self, msg):
+        info = json.loads(msg.data)
+        key = (info['stamp']['sec'], info['stamp']['nanosec']) if 'stamp' in info else None
+        if key:
+            self.truth.setdefault(key, {})['objects'] = info['objects']
+
+    def _on_semantic(self, msg):
+        self.answers.append((self._stamp(msg), self.decode(msg)))
+
+    def _on_overlay(self, msg):
+        rgb = self.decode(msg)
+        cv2.imwrite(os.path.join(self.out_dir, f'overlay_{self.saved:03d}.png'), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        self.saved += 1
+
+    def _on_queries(self, msg):
+        self.confirmed = json.loads(msg.data)
+
+    def spin_for(self, seconds, until=lambda: False):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not until():
+            self.rclpy.spin_once(self.node, timeout_sec=0.05)
+        return until()
+
+    def ask(self, queries, frames, timeout):
+        """Publish a query set, wait for its confirmation, score the next `frames` answers."""
+        from std_msgs.msg import String
+        text = '; '.join(queries)
+        print(f'\nplanner: asking for "{text}"')
+        self.confirmed = None
+
+        def confirmed():
+            return self.confirmed and [q['text'] for q in self.confirmed.get('queries', [])] == queries
+        ok = False
+        for _ in range(int(timeout / 2)):
+            self.query_pub.publish(String(data=text))
+            if self.spin_for(2.0, confirmed):
+                ok = True
+                break
+        if not ok:
+            print(f'planner: no confirmation of "{text}" on /diffseg/queries')
+            return {q: [] for q in queries}
+        print(f'planner: confirmed by the node: {json.dumps(self.confirmed["queries"])}')
+        self.answers.clear()
+        scores = {q: [] for q in queries}
+        deadline = time.monotonic() + timeout
+        while len(self._scored(scores)) < frames and time.monotonic() < deadline:
+            self.spin_for(0.2)
+            for stamp, labels in list(self.answers):
+                truth = self.truth.get(stamp, {})
+                if 'instances' not in truth or 'objects' not in truth:
+                    continue
+                self.answers.remove((stamp, labels))
+                line = []
+                for k, query in enumerate(queries, start=1):
+                    ids = [o['instance_id'] for o in truth['objects'] if o['phrase'] == query]
+                    if not ids:
+                        continue
+                    value = iou(labels == k, truth['instances'] == ids[0])
+                    scores[query].append(value)
+                    line.append(f'{query} IoU {value:.2f}')
+                print(f'  frame {stamp[0]}.{stamp[1] // 1_000_000:03d}: ' + ', '.join(line))
+        return scores
+
+    @staticmethod
+    def _scored(scores):
+        return [s for values in scores.values() for s in values]
+
+
+def iou(mask, truth):
+    union = np.logical_or(mask, truth).sum()
+    return float(np.logical_and(mask, truth).sum() / union) if union else 0.0
+
+
+def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout=60.0):
+    os.makedirs(out_dir, exist_ok=True)
+    os.environ.update(demo_environment())
+    scene = find_scene(seed, 256, 192)
+    others = [o.phrase for o in scene.objects if o.phrase != FIRST_QUERY]
+    print(f'scene seed {scene.seed}: {scene.caption}')
+    camera = start('diffseg_ros.ros.synth_camera', '-p', f'seed:={scene.seed}', '-p', 'scenes:=1',
+                   '-p', 'width:=256', '-p', 'height:=192', '-p', 'rate:=4.0', '-p', 'frames_per_scene:=60',
+                   log_dir=out_dir)
+    node = start('diffseg_ros.node', '--params-file', os.path.join(REPO_CONFIG, 'diffseg.yaml'),
+                 '-p', f'method:={method}', '-r', 'image:=camera/image', log_dir=out_dir)
+    import rclpy
+    rclpy.init()
+    planner = Planner(out_dir)
+    results = {}
+    try:
+        print('waiting for the camera and the segmentation node ...')
+        if not planner.spin_for(timeout, lambda: planner.node.count_publishers('diffseg/queries') > 0):
+            raise RuntimeError(f'the segmentation node did not come up; see {out_dir}/node.log')
+        results.update(planner.ask([FIRST_QUERY], frames, timeout))
+        results.update(planner.ask([FIRST_QUERY] + others[:1], frames, timeout) if others else {})
+    finally:
+        planner.node.destroy_node()
+        rclpy.try_shutdown()
+        for process in (node, camera):
+            stop(process)
+    print('\nsummary (IoU against SynthWorld truth, embedded model, method %s):' % method)
+    for query, values in results.items():
+        mean = f'{np.mean(values):.2f}' if values else 'n/a'
+        print(f'  {query:20s} mean IoU {mean} over {len(values)} frames')
+    print(f'overlays: {planner.saved} images in {out_dir}/')
+    return 0 if all(results.values()) else 1
+
+
+def main(args):
+    return run_demo(args.out, args.seed, args.frames, args.method, args.timeout)
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser('demo', help='camera + node + planner over DDS with the embedded model')
+    p.add_argument('--out', default='out/demo', help='folder for overlays and process logs')
+    p.add_argument('--seed', type=int, default=DEMO_SEED, help='first scene seed to search for a red mug')
+    p.add_argument('--frames', type=int, default=6, help='answers scored per query set')
+    p.add_argument('--method', default='t2m', choices=['t2m', 'stableseg', 'cross'])
+    p.add_argument('--timeout', type=float, default=60.0, help='seconds allowed per step')
+    p.set_defaults(func=main)
