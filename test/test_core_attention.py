@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from diffseg_ros.core.attention import AttentionCapture, LayerQK, propagate, resolve_layers, transformer_blocks
+from diffseg_ros.core.attention import (AttentionCapture, LayerQK, propagate, resolve_layers,
+                                        transformer_blocks)
 from diffseg_ros.core.methods import stableseg, t2m
 from diffseg_ros.core.methods.common import minmax
 
@@ -31,7 +32,8 @@ def test_forward_order_matches_reference_table():
     unet = sd15_shaped_unet()
     names = [name for name, _ in transformer_blocks(unet)]
     assert names == [name for name, _ in SD15_TABLE]
-    registration = [n[:-len('.transformer_blocks.0.attn1.processor')] for n in unet.attn_processors if 'attn1' in n]
+    suffix = '.transformer_blocks.0.attn1.processor'
+    registration = [n[:-len(suffix)] for n in unet.attn_processors if 'attn1' in n]
     assert registration != names, 'attn_processors order differs from forward order (the trap of section 2)'
     assert resolve_layers(unet, [4, 8, 11]) == ['down_blocks.2.attentions.0', 'up_blocks.1.attentions.1',
                                                 'up_blocks.2.attentions.1']
@@ -77,8 +79,8 @@ def test_capture_keeps_only_what_is_asked():
 def random_layer(batch=2, heads=3, hw=(6, 5), dim=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = hw[0] * hw[1]
-    return LayerQK(torch.randn(batch, heads, n, dim, generator=g), torch.randn(batch, heads, n, dim, generator=g),
-                   dim ** -0.5, hw)
+    q, k = (torch.randn(batch, heads, n, dim, generator=g) for _ in range(2))
+    return LayerQK(q, k, dim ** -0.5, hw)
 
 
 def naive_self_attention(layer):

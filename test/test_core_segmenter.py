@@ -1,4 +1,4 @@
-"""Segmenter on a seeded tiny SD model saved and loaded back: loading, prompts, caching, one forward per frame."""
+"""Segmenter on a seeded tiny SD model saved and loaded back: loading, prompts, caching, one forward."""
 import json
 import os
 import shutil

@@ -2,7 +2,8 @@
 
 Usage (a small context manager, in the spirit of DAAM):
 
-    with AttentionCapture(unet, cross=['mid_block.attentions.0'], self_qk=['up_blocks.2.attentions.1']) as cap:
+    with AttentionCapture(unet, cross=['mid_block.attentions.0'],
+                          self_qk=['up_blocks.2.attentions.1']) as cap:
         unet(latents, t, encoder_hidden_states=text)
     cap.cross['mid_block.attentions.0']        # [B, HW, T] head-mean cross-attention probabilities
     cap.self_qk['up_blocks.2.attentions.1']    # LayerQK(q, k, scale, size)
@@ -53,7 +54,8 @@ def resolve_layers(unet, layers):
         elif isinstance(layer, int) and 0 <= layer < len(names):
             resolved.append(names[layer])
         else:
-            raise ValueError(f'unknown attention layer {layer!r}; this UNet has {len(names)} transformer blocks '
+            raise ValueError(f'unknown attention layer {layer!r}; this UNet has {len(names)} '
+                             'transformer blocks '
                              f'(indices 0..{len(names) - 1} in forward order)')
     return resolved
 
@@ -107,7 +109,8 @@ class CaptureProcessor:
         context = hidden_states if not is_cross else encoder_hidden_states
         if is_cross and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        q, k, v = (self._heads(attn, x) for x in (attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)))
+        projections = (attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context))
+        q, k, v = (self._heads(attn, x) for x in projections)
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
 
@@ -175,7 +178,7 @@ class AttentionCapture:
         return False
 
     def run(self, latents, timestep, text_embeddings):
-        """Run the UNet once on latents [B, C, h, w], fill the capture (call inside `with`); returns its output."""
+        """Run the UNet on latents [B, C, h, w], filling the capture (inside `with`); return its output."""
         self.cross, self.self_qk = {}, {}
         self.latent_size = tuple(latents.shape[-2:])
         return self.unet(latents, timestep, encoder_hidden_states=text_embeddings, return_dict=False)[0]

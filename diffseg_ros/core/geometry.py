@@ -105,3 +105,36 @@ def rasterize_labels(points_cam, labels, K, width, height, return_depth=False):
     depth_image = np.full(height * width, np.inf, np.float32)
     depth_image[flat] = proj.depth[winners]
     return label_image.reshape(height, width), depth_image.reshape(height, width)
+
+
+def remap_labels(labels, max_id=127):
+    """Map arbitrary non-negative label ids to compact ids 1..max_id (0 stays 0, "no label").
+
+    Returns (compact int32 image, table) with table[k] = original id of compact id k (table[0] = 0).
+    With more than `max_id` distinct labels the most frequent ones are kept and the rest become 0.
+    """
+    labels = np.asarray(labels).astype(np.int64)
+    ids, counts = np.unique(labels[labels != 0], return_counts=True)
+    if len(ids) > max_id:
+        ids = np.sort(ids[np.argsort(-counts, kind='stable')[:max_id]])
+    table = np.concatenate([[0], ids]).astype(np.int64)
+    if not len(ids):
+        return np.zeros(labels.shape, np.int32), table
+    position = np.minimum(np.searchsorted(ids, labels), len(ids) - 1)
+    kept = (labels != 0) & (ids[position] == labels)
+    return np.where(kept, position + 1, 0).astype(np.int32), table
+
+
+def restore_labels(compact, table, next_id=None):
+    """Inverse of `remap_labels`: compact ids back to the original ids; 0 stays 0.
+
+    Compact ids beyond the table (segments that were not in the input) get fresh ids, in increasing order of
+    compact id, from `next_id` on (default: one above the largest original id), so they never collide.
+    """
+    compact = np.asarray(compact)
+    table = np.asarray(table, np.int64)
+    new = np.unique(compact[compact >= len(table)])
+    start = int(table.max()) + 1 if next_id is None else int(next_id)
+    lookup = np.concatenate([table, np.zeros(int(new.max()) + 1 - len(table) if len(new) else 0, np.int64)])
+    lookup[new] = start + np.arange(len(new))
+    return lookup[compact]

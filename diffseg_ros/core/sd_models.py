@@ -38,8 +38,9 @@ REQUIRED = {
     'scheduler': (('scheduler_config.json',),),
 }
 # SD 1.x noise schedule (REFERENCE.md section 3).
-SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
-                   clip_sample=False, steps_offset=1, prediction_type='epsilon')
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                   beta_schedule='scaled_linear', clip_sample=False, steps_offset=1,
+                   prediction_type='epsilon')
 
 
 class ModelLoadError(RuntimeError):
@@ -175,10 +176,14 @@ def build_sd_components(configs, seed=0, tokenizer_dir=None, device='cpu', dtype
     """Build randomly initialised components from (text, vae, unet) configs, seeded."""
     text_cfg, vae_cfg, unet_cfg = configs
     torch.manual_seed(seed)
-    tokenizer_dir = tokenizer_dir or os.path.join(os.path.expanduser('~'), '.cache', 'diffseg_ros', 'clip-tokenizer')
-    tokenizer = (CLIPTokenizer.from_pretrained(tokenizer_dir) if os.path.isfile(os.path.join(tokenizer_dir, 'vocab.json'))
-                 else write_clip_tokenizer(tokenizer_dir))
-    parts = SDComponents(tokenizer=tokenizer, text_encoder=CLIPTextModel(text_cfg), vae=AutoencoderKL(**vae_cfg),
+    tokenizer_dir = tokenizer_dir or os.path.join(os.path.expanduser('~'), '.cache', 'diffseg_ros',
+                                                  'clip-tokenizer')
+    if os.path.isfile(os.path.join(tokenizer_dir, 'vocab.json')):
+        tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = write_clip_tokenizer(tokenizer_dir)
+    parts = SDComponents(tokenizer=tokenizer, text_encoder=CLIPTextModel(text_cfg),
+                         vae=AutoencoderKL(**vae_cfg),
                          unet=UNet2DConditionModel(**unet_cfg), scheduler=DDPMScheduler(**SD_SCHEDULE),
                          path='', device=torch.device(device), dtype=DTYPES[dtype])
     for module in (parts.text_encoder, parts.vae, parts.unet):
@@ -187,5 +192,5 @@ def build_sd_components(configs, seed=0, tokenizer_dir=None, device='cpu', dtype
 
 
 def save_tiny_random_model(out_dir, seed=0):
-    """Save a seeded tiny random SD-architecture model as a diffusers folder (used by tests and benchmarks)."""
+    """Save a seeded tiny random SD-architecture model as a diffusers folder (for tests and benchmarks)."""
     return save_sd_components(build_sd_components(tiny_configs(), seed=seed), out_dir)

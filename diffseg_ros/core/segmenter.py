@@ -46,12 +46,14 @@ class SegmenterConfig:
     def validate(self):
         """Raise ValueError with a clear message for the first bad value."""
         checks = [
-            (self.device.split(':')[0] in ('cpu', 'cuda'), f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}"),
+            (self.device.split(':')[0] in ('cpu', 'cuda'),
+             f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}"),
             (self.dtype in DTYPES, f'dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}'),
             (self.method in METHODS, f'method must be one of {sorted(METHODS)}, got {self.method!r}'),
             (self.image_size == 0 or 64 <= self.image_size <= 2048,
              f'image_size must be 0 (model default) or 64..2048, got {self.image_size}'),
-            (-1 <= self.timestep <= 999, f'timestep must be -1 (method default) or 0..999, got {self.timestep}'),
+            (-1 <= self.timestep <= 999,
+             f'timestep must be -1 (method default) or 0..999, got {self.timestep}'),
             (1 <= self.noise_samples <= 32, f'noise_samples must be 1..32, got {self.noise_samples}'),
             (0.0 <= self.background_threshold <= 1.0, 'background_threshold must be in [0, 1]'),
             (0.0 < self.box_threshold <= 1.0, 'box_threshold must be in (0, 1]'),
@@ -141,6 +143,15 @@ class Segmenter:
             warnings.append(f'prompt longer than {self.sd.tokenizer.model_max_length} tokens; dropped: '
                             + ', '.join(truncated))
         return QuerySet(list(self.prompt['queries']), list(truncated), warnings)
+
+    def clear_text_cache(self):
+        """Forget cached prompt embeddings (the tokenizer or text encoder changed, e.g. concepts installed).
+
+        The active queries stay active; their embedding is recomputed.
+        """
+        active = tuple(self.prompt['queries']) if self.prompt else None
+        self._text_cache.clear()
+        self.prompt = self._text(active) if active else None
 
     def _text(self, queries):
         """Composed prompt embedding for a query set, cached (never recomputed per frame)."""

@@ -17,7 +17,8 @@ import numpy as np
 
 from ..synthworld import generate_scene
 
-REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'config')
+REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           'config')
 FIRST_QUERY = 'red mug'
 DEMO_SEED = 1_000_000_006       # a held-out scene with a red mug among other objects
 
@@ -97,7 +98,8 @@ class Planner:
 
     def _on_overlay(self, msg):
         rgb = self.decode(msg)
-        cv2.imwrite(os.path.join(self.out_dir, f'overlay_{self.saved:03d}.png'), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        path = os.path.join(self.out_dir, f'overlay_{self.saved:03d}.png')
+        cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         self.saved += 1
 
     def _on_queries(self, msg):

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from ..core.attention import transformer_blocks
+from ..core.attention import has_self_attention, transformer_blocks
 from ..core.sd_models import load_sd_components
 from ..core.segmenter import Segmenter, SegmenterConfig
 from ..synthworld import generate_scene
@@ -37,14 +37,16 @@ def score_scene(seg, scene, mode):
         masks = dict(zip(result.queries, result.masks))
     else:
         masks = {p: seg.segment(scene.rgb, [p]).masks[0] for p in phrases}
-    return [dict(query=o.phrase, category=o.category, iou=iou(masks.get(o.phrase, False), scene.instances == o.instance_id))
+    return [dict(query=o.phrase, category=o.category,
+                 iou=iou(masks.get(o.phrase, False), scene.instances == o.instance_id))
             for o in scene.objects]
 
 
 def summarise(rows):
     categories = sorted({r['category'] for r in rows})
     return dict(miou=float(np.mean([r['iou'] for r in rows])) if rows else 0.0, queries=len(rows),
-                per_category={c: float(np.mean([r['iou'] for r in rows if r['category'] == c])) for c in categories})
+                per_category={c: float(np.mean([r['iou'] for r in rows if r['category'] == c]))
+                              for c in categories})
 
 
 def evaluate_method(sd, config, scenes, mode='composed', desc=''):
@@ -63,10 +65,12 @@ def sweeps(sd, base, scenes):
     blocks = transformer_blocks(sd.unet)
     for i, (name, level) in enumerate(blocks):
         key = f'{i}:{name}@L{level}'
-        out['cross_layer'][key] = evaluate_method(sd, replace(base, method='cross', cross_layers=(i,)), scenes,
-                                                  desc=f'cross {key}')[0]['miou']
-        out['t2m_self_layer'][key] = evaluate_method(sd, replace(base, method='t2m', self_layers=(i,)), scenes,
-                                                     desc=f't2m self {key}')[0]['miou']
+        cross_only = replace(base, method='cross', cross_layers=(i,))
+        out['cross_layer'][key] = evaluate_method(sd, cross_only, scenes, desc=f'cross {key}')[0]['miou']
+        if has_self_attention(sd.unet, name):
+            t2m_self = replace(base, method='t2m', self_layers=(i,))
+            out['t2m_self_layer'][key] = evaluate_method(sd, t2m_self, scenes,
+                                                         desc=f't2m self {key}')[0]['miou']
     return out
 
 
@@ -110,14 +114,16 @@ def write_report_png(report, sd, scenes, path):
         panels += [(m, segmenters[m].segment(scene.rgb, phrases).labels) for m in methods]
         for c, (title, image) in enumerate(panels):
             ax = fig.add_subplot(grid[r, c])
-            ax.imshow(image, cmap=None if image.ndim == 3 else 'tab10', vmin=0, vmax=9, interpolation='nearest')
+            ax.imshow(image, cmap=None if image.ndim == 3 else 'tab10', vmin=0, vmax=9,
+                      interpolation='nearest')
             ax.set_title(title if r else f'{title}\n' + ', '.join(phrases)[:60], fontsize=8)
             ax.axis('off')
     ax = fig.add_subplot(grid[len(scenes), :])
     x = np.arange(len(methods))
     ax.bar(x - 0.2, [report['methods'][m]['miou'] for m in methods], 0.4, label='composed prompt')
     if all('single' in report['methods'][m] for m in methods):
-        ax.bar(x + 0.2, [report['methods'][m]['single']['miou'] for m in methods], 0.4, label='one query at a time')
+        ax.bar(x + 0.2, [report['methods'][m]['single']['miou'] for m in methods], 0.4,
+               label='one query at a time')
     ax.set_xticks(x, methods)
     ax.set_ylabel('mIoU')
     ax.set_ylim(0, 1)
@@ -160,7 +166,8 @@ def add_parser(subparsers):
     p.add_argument('--size', type=int, default=128)
     p.add_argument('--methods', nargs='+', default=['cross', 'stableseg', 't2m'])
     p.add_argument('--no-single', action='store_true', help='skip the one-query-at-a-time setting')
-    p.add_argument('--sweep-scenes', type=int, default=0, help='run timestep/layer sweeps on this many scenes')
+    p.add_argument('--sweep-scenes', type=int, default=0,
+                   help='run timestep/layer sweeps on this many scenes')
     p.add_argument('--dtype', default='float32')
     p.add_argument('--json', default=None)
     p.add_argument('--report', default=None, help='PNG report path')

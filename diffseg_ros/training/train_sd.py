@@ -58,14 +58,15 @@ def model_configs(cfg):
     over 1,024 positions dominated the CPU cost of a training step, and T2M/SAR read self-attention at
     16x16 and 8x8. Every head is 32 channels wide.
     """
-    text = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_hidden * 4,
-                          num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
-                          projection_dim=cfg.text_hidden)
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_hidden,
+                          intermediate_size=cfg.text_hidden * 4, num_hidden_layers=cfg.text_layers,
+                          num_attention_heads=4, max_position_embeddings=77, projection_dim=cfg.text_hidden)
     vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
                down_block_types=('DownEncoderBlock2D',) * 3, up_block_types=('UpDecoderBlock2D',) * 3,
                layers_per_block=1, norm_num_groups=16, sample_size=cfg.size)
     c = tuple(cfg.unet_channels)
-    unet = dict(sample_size=cfg.size // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=c,
+    unet = dict(sample_size=cfg.size // 4, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=c,
                 cross_attention_dim=cfg.text_hidden, attention_head_dim=tuple(max(1, ch // 32) for ch in c),
                 only_cross_attention=[True, False, False], norm_num_groups=16,
                 down_block_types=('CrossAttnDownBlock2D',) * 3, up_block_types=('CrossAttnUpBlock2D',) * 3)
@@ -111,7 +112,6 @@ def training_caption(scene, rng):
     words = phrases + [scene['setting']] * int(rng.random() < 0.5)
     prefix = ('a photo including', 'a photo of')[int(rng.integers(2))]
     return prefix + ' ' + (', '.join(words[:-1]) + ', and ' + words[-1] if len(words) > 1 else words[0]) + '.'
-
 
 
 def to_pixels(images):
@@ -194,7 +194,8 @@ def train_unet(cfg, parts, latents, objects):
         x0 = latents[idx]
         flip = torch.from_numpy(rng.random(cfg.batch) < 0.5)
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        captions = [training_caption(objects[i], rng) if rng.random() >= cfg.caption_dropout else '' for i in idx]
+        captions = [training_caption(objects[i], rng) if rng.random() >= cfg.caption_dropout else ''
+                    for i in idx]
         t = torch.from_numpy(rng.integers(0, parts.scheduler.config.num_train_timesteps, cfg.batch)).long()
         loss = denoising_loss(parts, x0, captions, t, torch.randn_like(x0))
         opt.zero_grad(set_to_none=True)
@@ -207,7 +208,8 @@ def train_unet(cfg, parts, latents, objects):
         metrics = dict(loss_ema=ema)
         if cfg.probe_every and (step + 1) % cfg.probe_every == 0:
             metrics['layer_auc'] = probe(parts, scenes=8, size=cfg.size)
-            tqdm.write(f'step {step + 1} layer AUC: ' + ', '.join(f'{v:.2f}' for v in metrics['layer_auc'].values()))
+            aucs = ', '.join(f'{v:.2f}' for v in metrics['layer_auc'].values())
+            tqdm.write(f'step {step + 1} layer AUC: {aucs}')
             unet.train()
             text_encoder.train()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
@@ -290,6 +292,19 @@ def train(cfg, export_dir=None):
     return parts
 
 
+def export_checkpoint(cfg, out_dir):
+    """Export the latest checkpoints of a (possibly still running) training run without training."""
+    text_cfg, vae_cfg, unet_cfg = model_configs(cfg)
+    parts = build_sd_components((text_cfg, vae_cfg, unet_cfg), seed=cfg.seed)
+    parts.vae = AutoencoderKL(**vae_cfg)
+    _load_stage(os.path.join(cfg.out, 'vae'), parts.vae)
+    parts.vae.register_to_config(
+        scaling_factor=float(load_file(os.path.join(cfg.out, 'latents.safetensors'))['scaling']))
+    step = _load_stage(os.path.join(cfg.out, 'unet'), parts.unet, parts.text_encoder)
+    export(parts, out_dir)
+    return step
+
+
 def export(parts, out_dir, defaults=None):
     """Write the fp16 diffusers folder the node loads (plus diffseg_defaults.json when given)."""
     save_sd_components(parts, out_dir, half=True)
@@ -308,7 +323,18 @@ def add_parser(subparsers):
         else:
             parser.add_argument(flag, type=type(value), default=value)
     parser.add_argument('--export', default=None, help='write the fp16 diffusers folder here when done')
-    parser.set_defaults(func=lambda a: train(TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v)
-                                                             for k, v in vars(a).items()
-                                                             if k in asdict(TrainConfig())}), a.export))
+    parser.add_argument('--export-only', action='store_true',
+                        help='export the latest checkpoints, no training')
+    parser.set_defaults(func=run_cli)
 
+
+def run_cli(args):
+    cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
+                         if k in asdict(TrainConfig())})
+    if args.export_only:
+        if not args.export:
+            raise SystemExit('--export-only needs --export DIR')
+        print(f'exported step {export_checkpoint(cfg, args.export)} to {args.export}')
+        return 0
+    train(cfg, args.export)
+    return 0
