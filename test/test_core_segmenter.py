@@ -145,3 +145,20 @@ def test_bad_frames_are_refused(model_dir):
         seg.segment(np.zeros((32, 32), np.uint8))
     with pytest.raises(ValueError, match='too small'):
         seg.segment(np.zeros((2, 32, 3), np.uint8))
+
+
+def test_dense_crf_moves_a_boundary_onto_the_colour_edge():
+    from diffseg_ros.core.crf import refine
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:, 16:] = 255
+    scores = np.zeros((2, 32, 32), np.float32)
+    scores[1, :, :20], scores[0, :, :20] = 0.55, 0.45      # the query's mask spills 4 px over the edge
+    scores[1, :, 20:], scores[0, :, 20:] = 0.2, 0.8
+    labels = refine(rgb, scores).argmax(0)
+    assert (labels[:, :16] == 1).all() and (labels[:, 16:] == 0).all()
+
+
+def test_segment_with_crf(model_dir):
+    seg = Segmenter(SegmenterConfig(model_path=model_dir, image_size=64, crf=True))
+    result = seg.segment(frame(), ['mug', 'ball'])
+    assert result.labels.shape == (48, 80) and result.labels.max() <= 2

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from . import crf
 from .attention import AttentionCapture, has_self_attention, resolve_layers, transformer_blocks
 from .methods import METHODS
 from .methods.common import resize
@@ -42,6 +43,7 @@ class SegmenterConfig:
     box_threshold: float = 0.2           # t2m: box of regions >= this * max
     tau: float = 0.5                     # t2m: background (2 tau - max)^2
     mask_threshold: float = 0.0          # extra floor on a query's probability to count as foreground
+    crf: bool = False                    # dense-CRF refinement of the label map (pydensecrf2)
 
     def validate(self):
         """Raise ValueError with a clear message for the first bad value."""
@@ -183,7 +185,10 @@ class Segmenter:
                                     self_layers=self.self_layers, tau=self.config.tau,
                                     background_threshold=self.config.background_threshold,
                                     box_threshold=self.config.box_threshold)
-        result = self._postprocess(self.to_image(scores, frame))
+        full = self.to_image(scores, frame)
+        if self.config.crf:
+            full = torch.from_numpy(crf.refine(check_rgb(rgb), full.clamp(0, 1).numpy()))
+        result = self._postprocess(full)
         result.timings = dict(frame.timings, post=time.perf_counter() - start)
         result.timings['total'] = sum(result.timings.values())
         return result

@@ -75,7 +75,7 @@ def sweeps(sd, base, scenes):
 
 
 def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=('cross', 'stableseg', 't2m'), size=128,
-             single=True, sweep_scenes=0, report_png=None, dtype='float32'):
+             single_scenes=None, sweep_scenes=0, report_png=None, dtype='float32'):
     sd = load_sd_components(model_path, dtype=dtype)
     scenes = held_out_scenes(seed, count, size)
     base = SegmenterConfig(model_path=model_path, dtype=dtype)
@@ -84,8 +84,9 @@ def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=('cross', 'stable
         config = replace(base, method=method)
         composed, rows = evaluate_method(sd, config, scenes, 'composed', desc=f'{method} composed')
         entry = dict(miou=composed['miou'], composed=composed, composed_rows=rows)
-        if single:
-            entry['single'] = evaluate_method(sd, config, scenes, 'single', desc=f'{method} single')[0]
+        if single_scenes != 0:
+            entry['single'] = evaluate_method(sd, config, scenes[:single_scenes], 'single',
+                                              desc=f'{method} single')[0]
         report['methods'][method] = entry
     if sweep_scenes:
         report['sweeps'] = sweeps(sd, base, scenes[:sweep_scenes])
@@ -143,10 +144,12 @@ def write_report_png(report, sd, scenes, path):
 
 
 def main(args):
-    report = run_eval(args.model, args.seed, args.scenes, tuple(args.methods), args.size, not args.no_single,
+    single = 0 if args.no_single else args.single_scenes
+    report = run_eval(args.model, args.seed, args.scenes, tuple(args.methods), args.size, single,
                       args.sweep_scenes, args.report, args.dtype)
     for m, entry in report['methods'].items():
-        single = f"  single {entry['single']['miou']:.3f}" if 'single' in entry else ''
+        single = (f"  single {entry['single']['miou']:.3f} ({entry['single']['queries']} queries)"
+                  if 'single' in entry else '')
         print(f"{m:10s} mIoU composed {entry['miou']:.3f}{single}  ({entry['composed']['queries']} queries)")
     print(f"best: {report['best']}")
     if args.json:
@@ -166,6 +169,8 @@ def add_parser(subparsers):
     p.add_argument('--size', type=int, default=128)
     p.add_argument('--methods', nargs='+', default=['cross', 'stableseg', 't2m'])
     p.add_argument('--no-single', action='store_true', help='skip the one-query-at-a-time setting')
+    p.add_argument('--single-scenes', type=int, default=None,
+                   help='one-query-at-a-time on the first N scenes only (default: all)')
     p.add_argument('--sweep-scenes', type=int, default=0,
                    help='run timestep/layer sweeps on this many scenes')
     p.add_argument('--dtype', default='float32')
