@@ -78,7 +78,7 @@ def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=('cross', 'stable
              single_scenes=None, sweep_scenes=0, report_png=None, dtype='float32'):
     sd = load_sd_components(model_path, dtype=dtype)
     scenes = held_out_scenes(seed, count, size)
-    base = SegmenterConfig(model_path=model_path, dtype=dtype)
+    base = SegmenterConfig(model_path=model_path, dtype=dtype, image_size=size)   # scenes at model input size
     report = dict(model=sd.path, seed=seed, scenes=count, size=size, methods={})
     for method in methods:
         config = replace(base, method=method)
@@ -105,7 +105,8 @@ def write_report_png(report, sd, scenes, path):
     methods = list(report['methods'])
     fig = plt.figure(figsize=(3 * (2 + len(methods)), 3 * (len(scenes) + 2)))
     grid = fig.add_gridspec(len(scenes) + 2, 2 + len(methods))
-    segmenters = {m: Segmenter(SegmenterConfig(method=m), components=sd) for m in methods}
+    segmenters = {m: Segmenter(SegmenterConfig(method=m, image_size=report['size']), components=sd)
+                  for m in methods}
     for r, scene in enumerate(scenes):
         phrases = [o.phrase for o in scene.objects]
         truth = np.zeros(scene.instances.shape, np.int32)

@@ -1,0 +1,1 @@
+"""rclpy glue: image codec, parameters, diagnostics, the segmentation node and the SynthWorld camera."""

@@ -1,0 +1,135 @@
+"""Counters shared by the node's callbacks and worker, and their /diagnostics report."""
+from collections import deque
+import threading
+import time
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+STATUS_NAME = 'diffseg: segmentation'
+LATENCY_WINDOW = 20
+
+
+class NodeStats:
+    """Thread-safe counters; callbacks and the worker thread update them, the timer reads them."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.received = 0          # image messages that arrived
+        self.processed = 0         # frames segmented and published
+        self.dropped = 0           # valid frames overwritten before the worker took them
+        self.rejected = 0          # undecodable image messages
+        self.waiting = 0           # valid frames that arrived while no query was set
+        self.failed = 0            # frames the segmenter raised on
+        self.queries_rejected = 0
+        self.latencies = deque(maxlen=LATENCY_WINDOW)
+        self.last_stamp = None     # header.stamp (builtin_interfaces/Time) of the last processed frame
+        self.last_error = ''
+        self.last_frame_failed = False
+        self.failed_since_report = False   # so every failure shows in at least one ERROR report
+        self.queries = []
+
+    def count(self, counter, amount=1):
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + amount)
+
+    def frame_failed(self, counter, error):
+        """Count a bad or failed frame and remember why."""
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + 1)
+            self.last_error = error
+            self.last_frame_failed = True
+            self.failed_since_report = True
+
+    def query_failed(self, error):
+        with self._lock:
+            self.queries_rejected += 1
+            self.last_error = error
+
+    def frame_done(self, stamp, latency):
+        with self._lock:
+            self.processed += 1
+            self.latencies.append(latency)
+            self.last_stamp = stamp
+            self.last_frame_failed = False
+
+    def set_queries(self, queries):
+        with self._lock:
+            self.queries = list(queries)
+
+    def report(self):
+        """Consistent copy of every counter for one diagnostics report; starts a new report period."""
+        with self._lock:
+            copy = dict(vars(self))
+            copy['latencies'] = list(self.latencies)
+            self.failed_since_report = False
+        del copy['_lock']
+        return copy
+
+
+def _status_level(stats):
+    """ERROR after a failed frame, WARN while images arrive without a query, OK otherwise.
+
+    ERROR holds while the latest frame is bad and for the first report after any bad frame.
+    """
+    if stats['last_frame_failed'] or stats['failed_since_report']:
+        return DiagnosticStatus.ERROR, f"frame failed: {stats['last_error']}"
+    if not stats['queries'] and stats['received']:
+        return DiagnosticStatus.WARN, 'images arrive but no query is set (publish one on the query topic)'
+    if not stats['queries']:
+        return DiagnosticStatus.OK, 'waiting for a query and images'
+    if not stats['received']:
+        return DiagnosticStatus.OK, 'waiting for images'
+    return DiagnosticStatus.OK, f"segmenting; active queries: {len(stats['queries'])}"
+
+
+def build_diagnostics(stats, describe, now):
+    """One DiagnosticArray with the node's status; now is an rclpy Time of the node clock."""
+    level, message = _status_level(stats)
+    latency = sum(stats['latencies']) / len(stats['latencies']) if stats['latencies'] else None
+    age = None
+    if stats['last_stamp'] is not None:
+        age = (now.nanoseconds - (stats['last_stamp'].sec * 10**9 + stats['last_stamp'].nanosec)) / 1e9
+    values = {
+        'model': describe.get('model', ''),
+        'device': describe.get('device', ''),
+        'dtype': describe.get('dtype', ''),
+        'method': describe.get('method', ''),
+        'queries': '; '.join(stats['queries']),
+        'inference latency mean (s)': '' if latency is None else f'{latency:.3f}',
+        'inference latency samples': len(stats['latencies']),
+        'result age (s)': '' if age is None else f'{age:.3f}',
+        'frames received': stats['received'],
+        'frames processed': stats['processed'],
+        'frames dropped': stats['dropped'],
+        'frames rejected': stats['rejected'],
+        'frames failed': stats['failed'],
+        'frames without query': stats['waiting'],
+        'queries rejected': stats['queries_rejected'],
+        'last error': stats['last_error'],
+    }
+    status = DiagnosticStatus(level=level, name=STATUS_NAME, message=message,
+                              hardware_id=str(describe.get('model', '')),
+                              values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+    array = DiagnosticArray(status=[status])
+    array.header.stamp = now.to_msg()
+    return array
+
+
+class RepeatFilter:
+    """Let a given log line through at most once per period, so a bad stream cannot flood the log."""
+
+    def __init__(self, period=5.0, clock=time.monotonic):
+        self._period = period
+        self._clock = clock
+        self._last = {}
+        self._lock = threading.Lock()
+
+    def allow(self, line):
+        now = self._clock()
+        with self._lock:
+            if now - self._last.get(line, -self._period) < self._period:
+                return False
+            self._last[line] = now
+            if len(self._last) > 256:   # forget old lines; distinct bad inputs are few
+                self._last = {k: t for k, t in self._last.items() if now - t < self._period}
+            return True

@@ -1,0 +1,40 @@
+"""Run a node process: start-up failures become one log line and an exit code, SIGINT a clean exit."""
+import sys
+
+import rclpy
+from rclpy.executors import ExternalShutdownException
+
+EXIT_BAD_ARGUMENTS = 2
+
+
+def run_node(make_node, name, args, failures=()):
+    """Create the node with make_node() and spin it until SIGINT; return the process exit code.
+
+    failures: (exception type, log prefix, exit code) triples for errors the constructor may raise;
+    they are logged as one error line with no traceback (the first matching type wins).
+    """
+    try:
+        rclpy.init(args=args)
+    except Exception as err:   # malformed --ros-args: rcl's message says which
+        print(f'[{name}] cannot start: {err}', file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
+    try:
+        node = make_node()
+    except (KeyboardInterrupt, ExternalShutdownException):   # stopped while starting
+        rclpy.try_shutdown()
+        return 0
+    except tuple(kind for kind, _, _ in failures) as err:
+        kind, prefix, code = next(f for f in failures if isinstance(err, f[0]))
+        rclpy.logging.get_logger(name).error(f'{prefix}: {err}')
+        rclpy.try_shutdown()
+        return code
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if hasattr(node, 'close'):
+            node.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0

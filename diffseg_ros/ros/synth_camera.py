@@ -1,0 +1,159 @@
+"""`synth_camera` node: a SynthWorld RGB-D camera orbiting a sequence of procedural household scenes.
+
+Per frame, every topic carries the same header (stamp of the frame, frame_id parameter):
+  camera/image        sensor_msgs/Image rgb8
+  camera/depth        sensor_msgs/Image 32FC1, metres along the optical axis (REP-118; +inf = no surface)
+  camera/camera_info  sensor_msgs/CameraInfo, ideal pinhole (plumb_bob, zero distortion)
+  camera/points       sensor_msgs/PointCloud2, organised (height x width like the image, pixel (r, c) is
+                      point r * width + c), fields x, y, z float32 + label uint32 (instance id, 0 = none),
+                      NaN points where depth is not finite (is_dense false)
+  camera/instances    sensor_msgs/Image mono16, ground-truth instance ids (0 = furniture / none)
+  camera/scene_info   std_msgs/String JSON: stamp, scene seed, caption, camera pose, visible objects
+                      (instance_id, phrase, category, colour, pattern, visible_pixels, bbox)
+Scenes use seeds seed, seed + 1, ...; the camera makes one smooth orbit loop per scene.
+"""
+from dataclasses import dataclass
+import json
+import sys
+
+import numpy as np
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header, String
+
+from ..core.geometry import depth_to_points
+from ..synthworld import camera_orbit, describe, generate_scene, render, visible_objects
+from .image_codec import numpy_to_image_msg
+from .pointcloud import camera_info_msg, labelled_cloud_msg
+from .runner import run_node
+
+NODE_NAME = 'synth_camera'
+EXIT_BAD_PARAMETER = 2
+# Reliable publishers match reliable and best-effort subscribers alike.
+CAMERA_QOS = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+
+# name: (default, description, check, rule)
+PARAMETERS = {
+    'seed': (0, 'seed of the first scene; scene k uses seed + k', lambda v: v >= 0, '>= 0'),
+    'scenes': (4, 'number of scenes in the sequence', lambda v: v >= 1, '>= 1'),
+    'frames_per_scene': (30, 'frames of the camera orbit around each scene', lambda v: v >= 1, '>= 1'),
+    'width': (320, 'image width in pixels', lambda v: 16 <= v <= 4096, '16..4096'),
+    'height': (240, 'image height in pixels', lambda v: 16 <= v <= 4096, '16..4096'),
+    'fov_deg': (55.0, 'horizontal field of view in degrees', lambda v: 10.0 <= v <= 150.0, '10..150'),
+    'rate': (5.0, 'frames per second', lambda v: 0.0 < v <= 100.0, '(0, 100]'),
+    'loop': (True, 'start the sequence again after the last scene', lambda v: True, ''),
+    'frame_id': ('camera_optical_frame', 'frame_id of every header (REP-103 optical frame)', bool,
+                 'not empty'),
+}
+
+
+@dataclass
+class SynthFrame:
+    scene_index: int
+    frame_index: int
+    seed: int
+    K: np.ndarray
+    pose: np.ndarray
+    rgb: np.ndarray
+    depth: np.ndarray
+    instances: np.ndarray
+    objects: list
+    caption: str
+
+
+def frame_sequence(seed, scenes, frames_per_scene, width, height, fov_deg=55.0):
+    """Yield SynthFrame for every orbit frame of every scene, in order (ROS-free, for tests too)."""
+    for scene_index in range(scenes):
+        scene = generate_scene(seed + scene_index, width=width, height=height, fov_deg=fov_deg)
+        for frame_index, pose in enumerate(camera_orbit(scene, frames_per_scene)):
+            view = render(scene.spec, pose, scene.K, width, height)
+            objects, instances = visible_objects(scene.spec.objects, view.instances)
+            yield SynthFrame(scene_index, frame_index, scene.seed, scene.K, pose, view.rgb, view.depth,
+                             instances, objects, describe(scene.spec, objects))
+
+
+def scene_info(frame, header):
+    """Ground truth of a frame as a JSON-ready dict."""
+    keys = ('instance_id', 'phrase', 'category', 'colour', 'pattern', 'visible_pixels', 'bbox')
+    return {
+        'stamp': {'sec': header.stamp.sec, 'nanosec': header.stamp.nanosec},
+        'frame_id': header.frame_id,
+        'scene_index': frame.scene_index, 'frame_index': frame.frame_index, 'seed': frame.seed,
+        'caption': frame.caption,
+        'camera_to_world': np.round(frame.pose, 6).tolist(),
+        'objects': [{key: value for key, value in obj.to_dict().items() if key in keys}
+                    for obj in frame.objects],
+    }
+
+
+class SynthCamera(Node):
+    """Raises ValueError from the constructor for a bad parameter value."""
+
+    def __init__(self, **kwargs):
+        super().__init__(NODE_NAME, **kwargs)
+        self.settings = self._declare_parameters()
+        s = self.settings
+        self.frames = self._endless_frames() if s['loop'] else frame_sequence(
+            s['seed'], s['scenes'], s['frames_per_scene'], s['width'], s['height'], s['fov_deg'])
+        self.pubs = {
+            'image': self.create_publisher(Image, 'camera/image', CAMERA_QOS),
+            'depth': self.create_publisher(Image, 'camera/depth', CAMERA_QOS),
+            'camera_info': self.create_publisher(CameraInfo, 'camera/camera_info', CAMERA_QOS),
+            'points': self.create_publisher(PointCloud2, 'camera/points', CAMERA_QOS),
+            'instances': self.create_publisher(Image, 'camera/instances', CAMERA_QOS),
+            'scene_info': self.create_publisher(String, 'camera/scene_info', CAMERA_QOS),
+        }
+        self.timer = self.create_timer(1.0 / s['rate'], self._publish_next)
+        self.get_logger().info(f"publishing {s['scenes']} scenes x {s['frames_per_scene']} frames "
+                               f"({s['width']}x{s['height']}) at {s['rate']} Hz "
+                               f"on {self.pubs['image'].topic_name}")
+
+    def _declare_parameters(self):
+        settings = {}
+        for name, (default, description, check, rule) in PARAMETERS.items():
+            descriptor = ParameterDescriptor(description=description, read_only=True,
+                                             additional_constraints=rule)
+            try:
+                value = self.declare_parameter(name, default, descriptor).value
+            except InvalidParameterTypeException as err:
+                raise ValueError(str(err).splitlines()[0]) from None
+            if not check(value):
+                raise ValueError(f'{name} must be {rule}, got {value!r}')
+            settings[name] = value
+        return settings
+
+    def _endless_frames(self):
+        s = self.settings
+        while True:
+            yield from frame_sequence(s['seed'], s['scenes'], s['frames_per_scene'], s['width'], s['height'],
+                                      s['fov_deg'])
+
+    def _publish_next(self):
+        frame = next(self.frames, None)
+        if frame is None:
+            self.get_logger().info('sequence finished (loop is false)')
+            self.timer.cancel()
+            return
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings['frame_id'])
+        height, width = frame.depth.shape
+        points = depth_to_points(frame.depth, frame.K).astype(np.float32)
+        self.pubs['image'].publish(numpy_to_image_msg(frame.rgb, 'rgb8', header))
+        self.pubs['depth'].publish(numpy_to_image_msg(frame.depth.astype(np.float32), '32FC1', header))
+        self.pubs['camera_info'].publish(camera_info_msg(frame.K, width, height, header))
+        self.pubs['points'].publish(labelled_cloud_msg(points, frame.instances, header))
+        instances = frame.instances.astype(np.uint16)
+        self.pubs['instances'].publish(numpy_to_image_msg(instances, 'mono16', header))
+        self.pubs['scene_info'].publish(String(data=json.dumps(scene_info(frame, header))))
+
+
+def main(args=None):
+    """Run the synth camera until SIGINT; return the exit code (2 for a bad parameter)."""
+    return run_node(SynthCamera, NODE_NAME, sys.argv if args is None else args,
+                    failures=[(ValueError, 'invalid parameter', EXIT_BAD_PARAMETER)])
+
+
+if __name__ == '__main__':
+    sys.exit(main())

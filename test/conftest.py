@@ -1,0 +1,56 @@
+"""Session fixtures: a seeded tiny SD model, a private ROS environment, a test-side ROS client.
+
+ros_harness is imported inside the fixtures so tests that need no ROS never import rclpy.
+"""
+import os
+
+import pytest
+
+
+@pytest.fixture(scope='session')
+def tiny_model_dir(tmp_path_factory):
+    """Build a seeded tiny random SD-architecture model as a diffusers folder, once per session."""
+    from diffseg_ros.core.sd_models import save_tiny_random_model
+    return save_tiny_random_model(str(tmp_path_factory.mktemp('tiny-sd')), seed=0)
+
+
+@pytest.fixture(scope='session')
+def ros_env(tmp_path_factory):
+    """Set the run's ROS environment (private domain id, localhost only) for this process and its children."""
+    from ros_harness import ros_environment
+    env = ros_environment(tmp_path_factory.mktemp('ros-log'))
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope='session')
+def ros_client(ros_env):
+    """Provide the test-side rclpy node, spinning in a background thread."""
+    from ros_harness import RosClient
+    client = RosClient()
+    yield client
+    client.shutdown()
+
+
+@pytest.fixture
+def launcher(ros_client, tiny_model_dir, tmp_path):
+    """Start diffseg processes for one test; all are stopped (SIGINT, then kill) afterwards."""
+    from ros_harness import DiffsegLauncher
+    launch = DiffsegLauncher(ros_client, tmp_path, tiny_model_dir)
+    yield launch
+    launch.stop_all()
+
+
+@pytest.fixture(scope='module')
+def module_launcher(ros_client, tiny_model_dir, tmp_path_factory):
+    """Like launcher, shared by the tests of one module (one node start for many checks)."""
+    from ros_harness import DiffsegLauncher
+    launch = DiffsegLauncher(ros_client, tmp_path_factory.mktemp('diffseg-logs'), tiny_model_dir)
+    yield launch
+    launch.stop_all()

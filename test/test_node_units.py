@@ -1,0 +1,211 @@
+"""In-process checks of the node's parts: queries, mailbox, log filter, diagnostics, overlay, parameters."""
+import threading
+
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticStatus
+import numpy as np
+import pytest
+import rclpy
+from rclpy.parameter import Parameter
+from rclpy.time import Time as RosTime
+
+from diffseg_ros.core.segmenter import SegmenterConfig
+from diffseg_ros.ros.diagnostics import build_diagnostics, NodeStats, RepeatFilter
+from diffseg_ros.ros.mailbox import Mailbox
+from diffseg_ros.ros.overlay import draw_overlay, label_colour
+from diffseg_ros.ros.parameters import declare_parameters, ParameterError, segmenter_config, SPECS, \
+    updated_config
+from diffseg_ros.ros.queries import MAX_QUERIES, MAX_QUERY_BYTES, parse_query, QueryError
+
+
+# --- queries --------------------------------------------------------------------------------------------
+def test_query_split_strip_and_drop_empty():
+    assert parse_query(' my mug ;red  bottle;; ;').phrases == ['my mug', 'red bottle']
+    assert parse_query('').phrases == [] and parse_query(' \t ; ').phrases == []
+
+
+def test_query_duplicates_ignore_case():
+    assert parse_query('Mug; mug; MUG ; cup').phrases == ['Mug', 'cup']
+
+
+def test_query_control_and_replacement_characters_removed_with_warning():
+    parsed = parse_query('red\x1bmug\ufffd; \u200bcup')
+    assert parsed.phrases == ['red mug', 'cup']
+    assert parsed.warnings == ['removed control or invalid characters from the query text']
+    assert parse_query('\x07;\ufffd').phrases == []
+
+
+def test_query_count_limited_and_dropped_named():
+    parsed = parse_query(';'.join(f'thing {i}' for i in range(MAX_QUERIES + 2)))
+    assert len(parsed.phrases) == MAX_QUERIES
+    assert parsed.dropped == [f'thing {MAX_QUERIES}', f'thing {MAX_QUERIES + 1}']
+    assert f'thing {MAX_QUERIES + 1}' in parsed.warnings[-1]
+
+
+def test_query_size_limit_counts_utf8_bytes():
+    assert parse_query('a' * MAX_QUERY_BYTES).phrases == ['a' * MAX_QUERY_BYTES]
+    with pytest.raises(QueryError, match=f'query message of {MAX_QUERY_BYTES + 2} bytes refused'):
+        parse_query('\u00e9' * (MAX_QUERY_BYTES // 2 + 1))
+
+
+# --- mailbox ----------------------------------------------------------------------------------------------
+def test_mailbox_keeps_only_the_newest_item_per_key():
+    box = Mailbox()
+    assert box.put('frame', 1) is False
+    assert box.put('frame', 2) is True
+    assert box.put('queries', 'q') is False
+    assert box.take(timeout=0) == {'frame': 2, 'queries': 'q'}
+    assert box.take(timeout=0.01) == {}
+
+
+def test_mailbox_wakes_the_consumer_and_close_releases_it():
+    box, taken = Mailbox(), []
+    worker = threading.Thread(target=lambda: taken.append(box.take(timeout=30)))
+    worker.start()
+    box.put('frame', 'x')
+    worker.join(timeout=30)
+    assert taken == [{'frame': 'x'}]
+    worker = threading.Thread(target=lambda: taken.append(box.take(timeout=30)))
+    worker.start()
+    box.close()
+    worker.join(timeout=30)
+    assert taken[-1] == {} and box.closed
+
+
+# --- log filter ---------------------------------------------------------------------------------------------
+def test_repeat_filter_lets_each_line_through_once_per_period():
+    now = [100.0]
+    repeats = RepeatFilter(period=5.0, clock=lambda: now[0])
+    assert repeats.allow('a') and not repeats.allow('a') and repeats.allow('b')
+    now[0] += 5.0
+    assert repeats.allow('a')
+
+
+# --- diagnostics --------------------------------------------------------------------------------------
+DESCRIBE = dict(model='/models/x', device='cpu', dtype='float32', method='t2m')
+LEVEL = {int.from_bytes(getattr(DiagnosticStatus, name), 'little'): name for name in ('OK', 'WARN', 'ERROR')}
+
+
+def report(stats, now_ns=5 * 10**9):
+    status = build_diagnostics(stats.report(), DESCRIBE, RosTime(nanoseconds=now_ns)).status[0]
+    return LEVEL[int.from_bytes(status.level, 'little')], {kv.key: kv.value for kv in status.values}, status
+
+
+def test_diagnostics_warn_when_images_arrive_without_query():
+    stats = NodeStats()
+    assert report(stats)[0] == 'OK'
+    stats.count('received')
+    level, values, status = report(stats)
+    assert level == 'WARN' and 'no query' in status.message and values['frames received'] == '1'
+    assert status.name == 'diffseg: segmentation' and status.hardware_id == '/models/x'
+
+
+def test_diagnostics_error_shows_in_the_next_report_then_clears():
+    stats = NodeStats()
+    stats.set_queries(['mug'])
+    stats.count('received', 2)
+    stats.frame_failed('rejected', 'bad image: nope')
+    stats.frame_done(Time(sec=4, nanosec=500_000_000), 0.25)   # a good frame right after
+    level, values, _ = report(stats)
+    assert level == 'ERROR' and values['last error'] == 'bad image: nope' and values['frames rejected'] == '1'
+    level, values, _ = report(stats)
+    assert level == 'OK' and values['last error'] == 'bad image: nope'
+    assert values['result age (s)'] == '0.500' and values['inference latency mean (s)'] == '0.250'
+
+
+def test_diagnostics_latency_is_the_mean_of_the_last_20():
+    stats = NodeStats()
+    for latency in [10.0] * 5 + [1.0] * 20:
+        stats.frame_done(Time(), latency)
+    assert report(stats)[1]['inference latency mean (s)'] == '1.000'
+
+
+def test_diagnostics_keys():
+    keys = report(NodeStats())[1]
+    for key in ('model', 'device', 'dtype', 'method', 'queries', 'inference latency mean (s)',
+                'result age (s)',
+                'frames received', 'frames processed', 'frames dropped', 'last error'):
+        assert key in keys
+
+
+# --- overlay ------------------------------------------------------------------------------------------
+def test_overlay_tints_labelled_pixels_and_keeps_background():
+    rgb = np.full((60, 80, 3), 100, np.uint8)
+    labels = np.zeros((60, 80), np.uint8)
+    labels[5:25, 5:30], labels[35:55, 45:75] = 1, 2
+    overlay = draw_overlay(rgb, labels, ['mug', 'bottle'], alpha=1.0)
+    assert overlay.shape == rgb.shape and overlay.dtype == np.uint8
+    np.testing.assert_array_equal(overlay[labels == 0][:10], rgb[labels == 0][:10])
+    assert (overlay[6, 6] == label_colour(1)).all() and (overlay[36, 46] == label_colour(2)).all()
+    changed = np.any(overlay[labels == 1] != label_colour(1), axis=-1)
+    assert changed.any()   # the name was written over the region
+
+
+def test_overlay_without_any_region_is_the_image():
+    rgb = np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(draw_overlay(rgb, np.zeros((10, 12), np.uint8), ['mug']), rgb)
+
+
+# --- parameters ---------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def rclpy_context(ros_env):
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+def make_node(context, **overrides):
+    overrides = [Parameter(name.replace('__', '.'), value=value) for name, value in overrides.items()]
+    return rclpy.create_node('diffseg', context=context, parameter_overrides=overrides)
+
+
+def test_defaults_follow_the_engine_config(rclpy_context):
+    node = make_node(rclpy_context)
+    try:
+        values = declare_parameters(node)
+        config = segmenter_config(values)
+        assert config == SegmenterConfig()
+        assert values['cross_layers'] == [] and values['background_words'] == []
+        assert config.background_words is None   # empty = model default
+        declared = set(node.list_parameters([], 0).names) - {'use_sim_time', 'start_type_description_service'}
+        assert declared == {spec.name for spec in SPECS}
+    finally:
+        node.destroy_node()
+
+
+def test_overrides_are_typed_and_mapped(rclpy_context):
+    node = make_node(rclpy_context, cross_layers=[4, 5], background_words=['floor'], method='cross',
+                     qos__image__reliability='reliable')
+    try:
+        config = segmenter_config(declare_parameters(node))
+        assert config.cross_layers == (4, 5) and config.background_words == ('floor',)
+        assert config.method == 'cross'
+    finally:
+        node.destroy_node()
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(noise_samples='3'),
+     "noise_samples: Trying to set parameter 'noise_samples' to '3' of type 'STRING'"),
+    (dict(overlay_alpha=2.0), 'overlay_alpha must be in [0, 1]'),
+    (dict(qos__image__depth=0), 'qos.image.depth must be 1..100'),
+    (dict(dtype='float8'), 'dtype must be one of'),
+])
+def test_bad_values_raise_parameter_error(rclpy_context, overrides, message):
+    node = make_node(rclpy_context, **overrides)
+    try:
+        with pytest.raises(ParameterError) as raised:
+            segmenter_config(declare_parameters(node))
+        assert message in str(raised.value)
+    finally:
+        node.destroy_node()
+
+
+def test_runtime_update_validates_like_start():
+    config = SegmenterConfig()
+    changes = [Parameter('box_threshold', value=0.3), Parameter('overlay_alpha', value=0.1)]
+    updated = updated_config(config, changes)
+    assert updated.box_threshold == 0.3 and config.box_threshold != 0.3
+    with pytest.raises(ParameterError, match='tau must be in'):
+        updated_config(config, [Parameter('tau', value=0.0)])
