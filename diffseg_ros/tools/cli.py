@@ -25,7 +25,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     verb = next((a for a in argv if not a.startswith('-')), None)
     verbs = {verb: VERBS[verb]} if verb in VERBS else VERBS
-    args = build_parser(verbs).parse_args(argv)
+    parser = build_parser(verbs)
+    if argv[:2] == ['synth', 'camera']:          # everything after it belongs to ROS (--ros-args ...)
+        args = parser.parse_args(argv[:2])
+        args.ros_args = argv[2:]
+    else:
+        args = parser.parse_args(argv)
     return args.func(args) or 0
 
 

@@ -133,7 +133,7 @@ class Planner:
         self.answers.clear()
         scores = {q: [] for q in queries}
         deadline = time.monotonic() + timeout
-        while len(self._scored(scores)) < frames and time.monotonic() < deadline:
+        while len(self._scored(scores)) < frames * len(queries) and time.monotonic() < deadline:
             self.spin_for(0.2)
             for stamp, labels in list(self.answers):
                 truth = self.truth.get(stamp, {})
@@ -180,8 +180,9 @@ def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout
         print('waiting for the camera and the segmentation node ...')
         if not planner.spin_for(timeout, lambda: planner.node.count_publishers('diffseg/queries') > 0):
             raise RuntimeError(f'the segmentation node did not come up; see {out_dir}/node.log')
-        results.update(planner.ask([FIRST_QUERY], frames, timeout))
-        results.update(planner.ask([FIRST_QUERY] + others[:1], frames, timeout) if others else {})
+        for number, queries in enumerate([[FIRST_QUERY], [FIRST_QUERY] + others[:1]], start=1):
+            for query, values in planner.ask(queries, frames, timeout).items():
+                results[f'{query} (request {number})'] = values
     finally:
         planner.node.destroy_node()
         rclpy.try_shutdown()
@@ -190,7 +191,7 @@ def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout
     print('\nsummary (IoU against SynthWorld truth, embedded model, method %s):' % method)
     for query, values in results.items():
         mean = f'{np.mean(values):.2f}' if values else 'n/a'
-        print(f'  {query:20s} mean IoU {mean} over {len(values)} frames')
+        print(f'  {query:32s} mean IoU {mean} over {len(values)} frames')
     print(f'overlays: {planner.saved} images in {out_dir}/')
     return 0 if all(results.values()) else 1
 

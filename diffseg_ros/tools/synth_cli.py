@@ -15,7 +15,7 @@ def parse_size(text):
 
 
 def add_parser(subparsers):
-    """Register the `synth` verb (sub-verbs `export`, `preview`) on an argparse subparsers object."""
+    """Register the `synth` verb (sub-verbs export, preview, camera) on an argparse subparsers object."""
     synth = subparsers.add_parser('synth', help='SynthWorld procedural scenes')
     verbs = synth.add_subparsers(dest='synth_verb', required=True)
 
@@ -35,7 +35,18 @@ def add_parser(subparsers):
     preview.add_argument('--size', type=parse_size, default=(128, 128), help='W or WxH (default 128)')
     preview.add_argument('--out', required=True, help='output PNG')
     preview.set_defaults(func=run_preview)
+
+    camera = verbs.add_parser('camera', add_help=False,
+                              help='stream scenes as a ROS camera (rgb, depth, camera_info, points)')
+    camera.add_argument('ros_args', nargs='*', help="ROS arguments, e.g. --ros-args -p seed:=3 -p rate:=5.0")
+    camera.set_defaults(func=run_camera)
     return synth
+
+
+def run_camera(args):
+    """Run the synth_camera node; everything after `camera` is passed to ROS (`--ros-args -p ...`)."""
+    from ..ros.synth_camera import main
+    return main(['synth_camera', *args.ros_args])
 
 
 def run_export(args):
