@@ -84,7 +84,7 @@ def random_layer(batch=2, heads=3, hw=(6, 5), dim=4, seed=0):
 
 
 def naive_self_attention(layer):
-    """The HW x HW head-mean matrix the fused path must never form (reference only)."""
+    """Form the HW x HW head-mean matrix the fused path must never form (reference only)."""
     return torch.softmax(layer.q @ layer.k.transpose(-1, -2) * layer.scale, dim=-1).mean(1)
 
 

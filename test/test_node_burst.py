@@ -8,7 +8,7 @@ FIRST = 10_000
 
 
 def all_frames_accounted(values):
-    """True when the node has no frame waiting or in progress: each one was processed or dropped."""
+    """Tell whether no frame is waiting or in progress: each one was processed or dropped."""
     done = sum(int(values[key]) for key in ('frames processed', 'frames dropped', 'frames rejected',
                                             'frames failed', 'frames without query'))
     return int(values['frames received']) == done

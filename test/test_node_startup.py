@@ -5,7 +5,7 @@ from diffseg_ros.ros.segmentation_node import EXIT_BAD_PARAMETER, EXIT_MODEL_ERR
 
 
 def assert_clear_failure(process, code, *fragments):
-    """The process exited with code, logged one error line holding every fragment, and no traceback."""
+    """Check the process exited with code, logging one error line with every fragment, no traceback."""
     assert process.wait_exit() == code, process.log
     log = process.log
     assert 'Traceback' not in log, log

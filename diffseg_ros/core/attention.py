@@ -39,7 +39,7 @@ def transformer_blocks(unet):
 
 
 def has_self_attention(unet, name):
-    """False for blocks built with only_cross_attention (their attn1 attends to the text)."""
+    """Tell whether a block has self-attention (only_cross_attention blocks attend to the text twice)."""
     block = dict(unet.named_modules())[name].transformer_blocks[0]
     return not block.only_cross_attention
 

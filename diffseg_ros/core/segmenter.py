@@ -119,7 +119,7 @@ class Segmenter:
         return {}
 
     def _choose_layers(self):
-        """Configured layers, else the model's defaults file, else the papers' choices for SD."""
+        """Choose configured layers, else the model's defaults file, else the papers' choices for SD."""
         name = self.config.method
         defaults = self.model_defaults.get('layers', {}).get(name) or default_layers(self.sd.unet, name)
         cross = list(self.config.cross_layers) or defaults['cross']
@@ -127,7 +127,7 @@ class Segmenter:
         return resolve_layers(self.sd.unet, cross), resolve_layers(self.sd.unet, selfs)
 
     def describe(self):
-        """Static facts for diagnostics."""
+        """Return static facts for diagnostics."""
         return dict(model=self.sd.path, device=str(self.sd.device), dtype=self.config.dtype,
                     method=self.config.method, timestep=self.timestep, image_size=self.image_size,
                     cross_layers=self.cross_layers, self_layers=self.self_layers)
@@ -216,7 +216,7 @@ class Segmenter:
         return FrameAttention(capture, self.prompt['spans'], valid, rgb.shape[:2], timings)
 
     def to_image(self, maps, frame):
-        """Maps [C, h, w] covering the padded model input -> [C, H, W] at the frame's input resolution."""
+        """Map scores [C, h, w] over the padded model input to [C, H, W] at the frame's resolution."""
         padded = tuple(d * self.sd.vae_scale_factor for d in self.sd_latent_size(frame.valid))
         full = resize(maps[None].float(), padded)[0, :, :frame.valid[0], :frame.valid[1]]
         return resize(full[None], frame.out_size)[0]
@@ -263,7 +263,7 @@ class Segmenter:
 
 
 def default_layers(unet, method):
-    """The papers' layer choices, expressed for any UNet by resolution level (0 = latent size).
+    """Return the papers' layer choices, expressed for any UNet by resolution level (0 = latent size).
 
     stableseg / cross: cross-attention of the two coarsest attention levels (<= 16 at 512 px for SD);
     self keys of all layers. t2m: T2M's indices on SD 1.x; otherwise the coarse levels for cross and the
@@ -310,6 +310,6 @@ def check_rgb(rgb):
 
 
 def config_from_dict(values):
-    """SegmenterConfig from a dict (e.g. ROS parameters), ignoring unknown keys."""
+    """Build a SegmenterConfig from a dict (e.g. ROS parameters), ignoring unknown keys."""
     known = asdict(SegmenterConfig())
     return SegmenterConfig(**{k: v for k, v in values.items() if k in known})

@@ -30,7 +30,7 @@ def held_out_scenes(seed, count, size):
 
 
 def score_scene(seg, scene, mode):
-    """IoU of each visible object's phrase; mode 'composed' (one prompt) or 'single' (one per query)."""
+    """Score each visible object's phrase by IoU; mode 'composed' (one prompt) or 'single'."""
     phrases = [o.phrase for o in scene.objects]
     if mode == 'composed':
         result = seg.segment(scene.rgb, phrases)
@@ -56,7 +56,7 @@ def evaluate_method(sd, config, scenes, mode='composed', desc=''):
 
 
 def sweeps(sd, base, scenes):
-    """mIoU vs timestep (t2m, stableseg) and vs single cross / self layer (cross, t2m)."""
+    """Measure mIoU vs timestep (t2m, stableseg) and vs single cross / self layer (cross, t2m)."""
     out = {'timestep': {}, 'cross_layer': {}, 't2m_self_layer': {}}
     for method in ('t2m', 'stableseg'):
         out['timestep'][method] = {t: evaluate_method(sd, replace(base, method=method, timestep=t), scenes,
@@ -97,7 +97,7 @@ def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=('cross', 'stable
 
 
 def write_report_png(report, sd, scenes, path):
-    """Example grid (image / truth / each method's labels) and bar charts of mIoU and per-category IoU."""
+    """Draw an example grid (image / truth / labels per method) and bar charts of mIoU and IoU per category."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt

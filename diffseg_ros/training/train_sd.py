@@ -100,7 +100,7 @@ def render_for_training(seed, size):
 
 
 def training_caption(scene, rng):
-    """A fresh phrasing of a scene's caption at every use; some in the engine's composed-prompt style.
+    """Phrase a scene's caption afresh at every use, some in the engine's composed-prompt style.
 
     The segmenter asks "a photo including red mug, blue bottle, table, and floor."; training on that
     phrasing too (from objects only, never masks) keeps inference prompts in the training distribution.
@@ -219,7 +219,7 @@ def train_unet(cfg, parts, latents, objects):
 
 
 def denoising_loss(parts, x0, captions, t, noise):
-    """SD's objective: predict the noise added to latents x0 at timesteps t, given the captions."""
+    """Return the Stable Diffusion loss: predict the noise added to latents x0 at t, given captions."""
     ids = parts.tokenizer(captions, padding='max_length', max_length=77, truncation=True,
                           return_tensors='pt').input_ids
     noisy = parts.scheduler.add_noise(x0, noise, t)

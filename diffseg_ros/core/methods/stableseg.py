@@ -44,7 +44,7 @@ def class_attention(layer, masks):
 
 
 def scores(capture, spans, cross_layers, self_layers, background_threshold, **_):
-    """Return [K+1, h, w] scores (CAPM + SAPM) / 2; channel 0 is the background."""
+    """Return the mean of CAPM and SAPM as [K+1, h, w] scores; channel 0 is the background."""
     capm = minmax(query_cross_maps(capture, cross_layers, spans, finest_size(capture, cross_layers, 'cross')))
     capm = torch.cat([torch.full_like(capm[:, :1], background_threshold), capm], dim=1)   # [B, K+1, h, w]
     if not self_layers:
