@@ -97,7 +97,7 @@ def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=('cross', 'stable
 
 
 def write_report_png(report, sd, scenes, path):
-    """Draw an example grid (image / truth / labels per method) and bar charts of mIoU and IoU per category."""
+    """Draw example grids (image / truth / labels per method) and bar charts of mIoU and category IoU."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
