@@ -36,6 +36,7 @@ setup(
     entry_points={
         'console_scripts': [
             'diffseg_node = diffseg_ros.node:main',
+            'synth_camera = diffseg_ros.ros.synth_camera:main',
             'diffseg = diffseg_ros.tools.cli:main',
         ],
     },
