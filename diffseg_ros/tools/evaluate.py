@@ -16,6 +16,7 @@ from ..core.attention import has_self_attention, transformer_blocks
 from ..core.sd_models import load_sd_components
 from ..core.segmenter import Segmenter, SegmenterConfig
 from ..synthworld import generate_scene
+from . import eval_ldmseg
 
 EVAL_SEED = 1_000_000_000      # held-out scenes start here; training uses seeds below 10^9
 
@@ -178,4 +179,7 @@ def add_parser(subparsers):
     p.add_argument('--json', default=None)
     p.add_argument('--report', default=None, help='PNG report path')
     p.set_defaults(func=main)
+    suites = p.add_subparsers(dest='suite', required=False, metavar='SUITE',
+                              help='other benchmarks: ldmseg (label completion)')
+    eval_ldmseg.add_parser(suites)
     os.environ.setdefault('MPLBACKEND', 'Agg')

@@ -1,8 +1,9 @@
 """`diffseg train VERB`: training of the embedded models."""
-from ..training import train_sd
+from ..training import train_ldmseg, train_sd
 
 
 def add_parser(subparsers):
     parser = subparsers.add_parser('train', help='train the embedded models (resumable)')
     verbs = parser.add_subparsers(dest='train_verb', required=True, metavar='VERB')
     train_sd.add_parser(verbs)
+    train_ldmseg.add_parser(verbs)

@@ -1,0 +1,218 @@
+"""LDMSeg end to end: image -> instance ids (`sample`), and sparse labels + image -> dense ids (`complete`).
+
+A model folder holds config.json (LDMSegConfig), mask_autoencoder.safetensors, and diffusers folders
+unet/, vae/ (the image VAE the denoiser was trained with, copied so the folder is self-contained) and
+scheduler/. Weights are stored in fp16 and computed in the dtype asked for at load time.
+
+Label spaces: the model works with ids 1..127 (0 = void). `complete` remaps the caller's labels into 1..127
+(core.geometry.remap_labels) and maps the result back, so known segments keep their ids; segments the model
+adds get fresh ids above the largest input label.
+"""
+from dataclasses import asdict, dataclass, field
+import copy
+import json
+import os
+
+import cv2
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from safetensors.torch import load_file, save_file
+
+from ..core.geometry import remap_labels, restore_labels
+from ..core.sd_models import DTYPES, ModelLoadError
+from .autoencoder import MaskAutoencoder, MaskAutoencoderConfig
+from .inpaint import DEFAULT_MIN_FRACTION, encode_known, known_cells
+from .model import ddim_sample, make_scheduler
+
+EMBEDDED_LDMSEG = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'embedded', 'ldmseg-synthworld')
+AE_FILE = 'mask_autoencoder.safetensors'
+
+
+def paper_min_area(width, height):
+    """Scale the paper's minimum segment area (512 px at 512 x 512) to another image size."""
+    return max(1, int(round(512 * width * height / 512 ** 2)))
+
+
+@dataclass
+class LDMSegConfig:
+    size: tuple = (128, 128)           # (width, height) the model works at; other inputs are resized
+    image_scaling: float = 1.0         # image latent = VAE posterior mean x this
+    mask_scaling: float = 1.0          # mask latent = mask encoder mean x this
+    steps: int = 50
+    mask_threshold: float = 0.5        # pixels whose top softmax probability is lower become void
+    min_area: int = 32                 # segments smaller than this (pixels at `size`) become void
+    known_min_fraction: float = DEFAULT_MIN_FRACTION  # share of known pixels that makes a latent cell known
+    autoencoder: dict = field(default_factory=lambda: MaskAutoencoderConfig().to_dict())
+    training: dict = field(default_factory=dict)       # provenance written by the trainer
+
+    @classmethod
+    def from_dict(cls, data):
+        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        data['size'] = tuple(data.get('size', (128, 128)))
+        return cls(**data)
+
+
+def postprocess(logits, threshold, min_area):
+    """Turn logits into argmax ids (B, H, W) int64 with the paper's clean-up (0.5 and 512 px at 512 x 512).
+
+    Pixels whose top softmax probability is under `threshold`, and ids covering fewer than `min_area` pixels,
+    become void (0).
+    """
+    confidence, ids = logits.float().softmax(dim=1).max(dim=1)
+    ids[confidence < threshold] = 0
+    for image in ids:
+        areas = torch.bincount(image.view(-1), minlength=logits.shape[1])
+        image[areas[image] < min_area] = 0
+    return ids
+
+
+def _as_batch(array, ndim):
+    array = np.asarray(array)
+    return (array[None], True) if array.ndim == ndim else (array, False)
+
+
+def _resize(array, size, nearest):
+    if array.shape[1::-1] == tuple(size):
+        return array
+    interpolation = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA
+    return cv2.resize(array, tuple(size), interpolation=interpolation)
+
+
+class LDMSeg:
+    """Image VAE + mask autoencoder + denoising UNet + DDIM scheduler, with the paper's post-processing."""
+
+    def __init__(self, vae, mask_autoencoder, unet, config=None, scheduler=None):
+        self.vae, self.mask_autoencoder, self.unet = vae, mask_autoencoder, unet
+        self.config = config or LDMSegConfig()
+        self.scheduler = scheduler or make_scheduler()
+        for module in (vae, mask_autoencoder, unet):
+            module.eval().requires_grad_(False)
+
+    @property
+    def device(self):
+        return self.unet.device
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    @property
+    def factor(self):
+        return self.mask_autoencoder.config.factor
+
+    # --- storage --------------------------------------------------------------------------------------------
+    def save(self, path, half=True):
+        """Write the model folder (fp16 weights when `half`)."""
+        os.makedirs(path, exist_ok=True)
+        for name in ('unet', 'vae'):
+            module = copy.deepcopy(getattr(self, name))
+            module = module.half() if half else module
+            module.save_pretrained(os.path.join(path, name), safe_serialization=True)
+        state = self.mask_autoencoder.state_dict()
+        state = {k: (v.half() if half else v).contiguous() for k, v in state.items()}
+        save_file(state, os.path.join(path, AE_FILE))
+        self.scheduler.save_pretrained(os.path.join(path, 'scheduler'))
+        with open(os.path.join(path, 'config.json'), 'w') as f:
+            json.dump(asdict(self.config), f, indent=1)
+        return path
+
+    @classmethod
+    def load(cls, path='', device='cpu', dtype='float32'):
+        """Load a model folder ('' = the embedded SynthWorld model) for inference."""
+        path = os.path.abspath(os.path.expanduser(path)) if path else EMBEDDED_LDMSEG
+        needed = ['config.json', AE_FILE, 'unet/config.json', 'vae/config.json',
+                  'scheduler/scheduler_config.json']
+        missing = [name for name in needed if not os.path.isfile(os.path.join(path, name))]
+        if missing:
+            raise ModelLoadError(f'LDMSeg folder {path} is incomplete; missing: {", ".join(missing)}')
+        if dtype not in DTYPES:
+            raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+        with open(os.path.join(path, 'config.json')) as f:
+            config = LDMSegConfig.from_dict(json.load(f))
+        kwargs = dict(local_files_only=True, torch_dtype=DTYPES[dtype])
+        try:
+            unet = UNet2DModel.from_pretrained(os.path.join(path, 'unet'), **kwargs)
+            vae = AutoencoderKL.from_pretrained(os.path.join(path, 'vae'), **kwargs)
+            scheduler = DDIMScheduler.from_pretrained(os.path.join(path, 'scheduler'), local_files_only=True)
+            ae = MaskAutoencoder(MaskAutoencoderConfig.from_dict(config.autoencoder))
+            ae.load_state_dict(load_file(os.path.join(path, AE_FILE)))
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(f'could not load LDMSeg from {path}: {err}') from err
+        model = cls(vae.to(device), ae.to(device, DTYPES[dtype]), unet.to(device), config, scheduler)
+        model.path = path
+        return model
+
+    # --- latents --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images):
+        """uint8 (B, H, W, 3) -> scaled image latents (B, 4, H/f, W/f)."""
+        pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        latents = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
+        return latents * self.config.image_scaling
+
+    @torch.no_grad()
+    def decode_latents(self, latents):
+        """Scaled mask latents -> post-processed ids (B, H, W) int64 at the working size (0 = void)."""
+        logits = self.mask_autoencoder.decode(latents / self.config.mask_scaling)
+        return postprocess(logits, self.config.mask_threshold, self.config.min_area).cpu()
+
+    def _generator(self, seed):
+        return torch.Generator().manual_seed(int(seed))
+
+    # --- public API -----------------------------------------------------------------------------------------
+    def sample(self, image, steps=None, seed=0):
+        """Instance ids (H, W) int32 of an RGB uint8 image (or (B, H, W) of a batch); 0 = void."""
+        images, single = _as_batch(image, 3)
+        height, width = images.shape[1:3]
+        work = np.stack([_resize(im, self.config.size, nearest=False) for im in images])
+        latents = ddim_sample(self.unet, self.scheduler, self.encode_images(work), steps or self.config.steps,
+                              self._generator(seed))
+        ids = self.decode_latents(latents).numpy().astype(np.int32)
+        ids = np.stack([_resize(i, (width, height), nearest=True) for i in ids])
+        return ids[0] if single else ids
+
+    def complete(self, image, sparse_labels, known_mask=None, steps=None, seed=0, keep_known=True):
+        """Dense instance ids from an image and sparse labels (paper algorithm 3), in the labels' id space.
+
+        sparse_labels: (H, W) integer labels, 0 = unknown (any ids; up to 127 distinct are used);
+        known_mask: optional bool (H, W) restricting which labelled pixels count as known;
+        keep_known: known pixels keep their given label in the output. Batches: leading B on all arrays.
+        Returns int64 ids; 0 = void; segments not in the input get ids above the largest input label.
+        """
+        images, single = _as_batch(image, 3)
+        labels, _ = _as_batch(sparse_labels, 2)
+        known = labels != 0
+        if known_mask is not None:
+            known &= _as_batch(known_mask, 2)[0].astype(bool)
+        height, width = images.shape[1:3]
+        remapped = [remap_labels(np.where(k, lab, 0)) for k, lab in zip(known, labels)]
+        compact = np.stack([c for c, _ in remapped])
+        work_images = np.stack([_resize(im, self.config.size, nearest=False) for im in images])
+        work_ids = np.stack([_resize(c, self.config.size, nearest=True) for c in compact])
+        work_known = torch.from_numpy(work_ids > 0)
+        cells = known_cells(work_known, self.factor, self.config.known_min_fraction).to(self.device)
+        known_latents = encode_known(self.mask_autoencoder, torch.from_numpy(work_ids), work_known,
+                                     self.config.mask_scaling).to(self.dtype)
+        latents = ddim_sample(self.unet, self.scheduler, self.encode_images(work_images),
+                              steps or self.config.steps, self._generator(seed), cells, known_latents)
+        ids = self.decode_latents(latents).numpy()
+        ids = np.stack([_resize(i.astype(np.int32), (width, height), nearest=True) for i in ids])
+        if keep_known:
+            ids = np.where(compact > 0, compact, ids)
+        out = np.stack([restore_labels(i, table) for i, (_, table) in zip(ids, remapped)])
+        return out[0] if single else out
+
+
+def tiny_random_ldmseg(seed=0, size=32):
+    """Build a seeded, randomly initialised tiny LDMSeg (f = 2 image VAE) for tests of code using LDMSeg."""
+    from ..core.sd_models import tiny_configs
+    from .model import build_unet, unet_config
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**tiny_configs()[1])
+    ae = MaskAutoencoder(MaskAutoencoderConfig.for_factor(2, (8, 16), decoder_channels=16, norm_groups=8))
+    unet = build_unet(unet_config((16, 32), attention=(False, True), norm_num_groups=8, head_dim=8,
+                                  sample_size=size // 2))
+    config = LDMSegConfig(size=(size, size), image_scaling=float(vae.config.scaling_factor), steps=3,
+                          min_area=paper_min_area(size, size), autoencoder=ae.config.to_dict())
+    return LDMSeg(vae, ae, unet, config)
