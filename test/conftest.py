@@ -3,8 +3,32 @@
 ros_harness is imported inside the fixtures so tests that need no ROS never import rclpy.
 """
 import os
+import sys
+import time
 
 import pytest
+
+_test_start = 0.0
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    global _test_start
+    _test_start = time.monotonic()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Attach the logs of the node processes involved to a failed test's report."""
+    outcome = yield
+    report = outcome.get_result()
+    harness = sys.modules.get('ros_harness')   # not imported at all by tests without ROS
+    if not report.failed or harness is None:
+        return
+    for process in harness.NodeProcess.started:
+        if process.running or process.start_time >= _test_start:
+            report.sections.append((f'log of {process.command[2]} ({process.log_path.name})',
+                                    process.log[-6000:]))
 
 
 @pytest.fixture(scope='session')

@@ -96,7 +96,11 @@ def wait_until(predicate, timeout=TIMEOUT, period=0.05):
 class NodeProcess:
     """A node started as `python -m module --ros-args ...`, stdout and stderr captured in log_path."""
 
+    started = []   # every process of the session, so a failed test can show their logs
+
     def __init__(self, module, ros_args, log_path, env=None):
+        self.start_time = time.monotonic()
+        NodeProcess.started.append(self)
         self.log_path = Path(log_path)
         self.command = [sys.executable, '-m', module, '--ros-args', *ros_args]
         self._log_file = open(self.log_path, 'wb')
@@ -106,6 +110,10 @@ class NodeProcess:
     @property
     def log(self):
         return self.log_path.read_text(errors='replace')
+
+    @property
+    def running(self):
+        return self.process.poll() is None
 
     def wait_for_log(self, pattern, timeout=TIMEOUT):
         """Wait for a regex to appear in the log; return the match or None."""
