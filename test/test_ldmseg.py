@@ -53,6 +53,14 @@ def test_autoencoder_paper_widths_shapes_and_size():
     assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in ae.decoder) == 2
 
 
+def test_autoencoder_logits_start_as_a_bit_readout():
+    readout = MaskAutoencoder(MaskAutoencoderConfig()).decoder[-1]
+    weight = readout.weight[:, :, 0, 0]                                  # (128, D) = bit patterns @ P
+    projection = (weight[2 ** torch.arange(7)] - weight[0]) / 2           # row of id 2^j minus id 0 = 2 P_j
+    torch.testing.assert_close(weight, ids_to_bits(torch.arange(128).view(-1, 1, 1))[..., 0, 0] @ projection)
+    assert torch.count_nonzero(readout.bias) == 0
+
+
 def test_autoencoder_stages_follow_the_vae_factor():
     ae = MaskAutoencoder(MaskAutoencoderConfig.for_factor(4, decoder_channels=32))
     assert ae.config.encoder_channels == (32, 64, 128)

@@ -96,6 +96,8 @@ def test_training_cli_runs_resumes_and_exports(tmp_path, tiny_model_dir):
     assert model.config.size == (32, 32) and model.factor == 2
     assert model.config.training['unet']['step'] == 3
     assert tuple(model.unet.config.down_block_types) == ('AttnDownBlock2D', 'AttnDownBlock2D', 'DownBlock2D')
+    card = (tmp_path / 'model' / 'MODEL_CARD.md').read_text()
+    assert '--ae-steps 4' in card and 'reconstruction PQ' in card
     for name in os.listdir(tmp_path / 'model' / 'unet'):
         assert not name.endswith('.bin')
     rgb = np.zeros((32, 32, 3), np.uint8)

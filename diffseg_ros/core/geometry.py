@@ -1,4 +1,4 @@
-"""Pinhole camera geometry: depth <-> point cloud, poses, projection and label rasterisation.
+"""Pinhole camera geometry: depth <-> point cloud, poses, projection, label rasterisation, label-id remapping.
 
 Conventions (OpenCV / REP-103 optical frame): x right, y down, z forward; the centre of pixel
 (row r, column c) is at image coordinates (u=c, v=r); depth is the z coordinate in metres (REP-118);

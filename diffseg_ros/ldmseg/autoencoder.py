@@ -10,6 +10,11 @@ So logits come out at half the input resolution and the last factor 2 is bilinea
 The mask latent must have the spatial size of the image latent, so the number of stride-2 stages follows
 the image VAE's scale factor (f = 8 for SD 1.x: 3 stages; the embedded SynthWorld VAE has f = 4: 2 stages,
 one transposed conv). No KL term: training uses weight decay instead (paper, eq. 2).
+
+Initialisation (the paper gives none): the logits conv starts as a bit read-out, logit_k = s_k . (P h) with
+s_k the +-1 bits of id k and P a random 7 x D projection, so the decoder starts out reading bits rather
+than having to discover the 128-way code; with a default initialisation the cross-entropy fell from 4.9 to
+4.1 in the first 100 steps on SynthWorld, with the read-out to 2.8.
 """
 from dataclasses import asdict, dataclass
 import math
@@ -18,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bits import NUM_BITS, NUM_IDS
+from .bits import NUM_BITS, NUM_IDS, ids_to_bits
 
 PAPER_WIDTHS = (32, 64, 128, 256)
 
@@ -92,6 +97,16 @@ class MaskAutoencoder(nn.Module):
         layers += [nn.GroupNorm(_groups(self.config.norm_groups, width), width), nn.SiLU(),
                    nn.Conv2d(width, self.config.num_ids, 1)]
         self.decoder = nn.Sequential(*layers)
+        self._init_bit_readout()
+
+    def _init_bit_readout(self):
+        readout = self.decoder[-1]
+        ids = torch.arange(self.config.num_ids).view(-1, 1, 1)
+        patterns = ids_to_bits(ids, self.config.num_bits)[..., 0, 0]                 # (128, 7) of +-1
+        projection = torch.randn(self.config.num_bits, readout.in_channels) / readout.in_channels ** 0.5
+        with torch.no_grad():
+            readout.weight.copy_((patterns @ projection)[..., None, None])
+            readout.bias.zero_()
 
     def encode(self, bits):
         """Return (mean, log-variance) of the latent, each (B, 4, H/f, W/f)."""

@@ -179,6 +179,8 @@ class LDMSeg:
         known_mask: optional bool (H, W) restricting which labelled pixels count as known;
         keep_known: known pixels keep their given label in the output. Batches: leading B on all arrays.
         Returns int64 ids; 0 = void; segments not in the input get ids above the largest input label.
+        Inputs of another size are resized to the working size (nearest for labels, so single scattered
+        labelled pixels can be lost when downscaling: project sparse clouds at the working size).
         """
         images, single = _as_batch(image, 3)
         labels, _ = _as_batch(sparse_labels, 2)

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from ..core.geometry import invert_pose, remap_labels
+from ..core.geometry import invert_pose
 from ..ldmseg import LDMSeg, lift_labels, project_labels
 from ..ldmseg.inpaint import block_drop_mask
 from ..ldmseg.metrics import match_segments, panoptic_quality
@@ -153,17 +153,17 @@ def check_bars(report):
         for block in sparse['ldmseg']:
             drops = sorted(sparse['ldmseg'][block], key=float)
             top = drops[-1]
-            gain = sparse['ldmseg'][block][top]['pq'] - sparse['nearest'][block][top]['pq']
+            gain = float(sparse['ldmseg'][block][top]['pq'] - sparse['nearest'][block][top]['pq'])
             bars[f'inpaint_vs_nearest_d{top}_B{block}'] = dict(gain=gain, met=bool(gain >= 0.10))
     if 'steps' in report and '10' in report['steps'] and '50' in report['steps']:
-        ratio = report['steps']['10']['pq'] / max(report['steps']['50']['pq'], 1e-9)
+        ratio = float(report['steps']['10']['pq'] / max(report['steps']['50']['pq'], 1e-9))
         bars['pq10_vs_pq50'] = dict(ratio=ratio, met=bool(ratio >= 0.98))
     return bars
 
 
 # --- plots --------------------------------------------------------------------------------------------------
 def colourise(ids):
-    """Stable pseudo-random colour per id; void black."""
+    """Stable pseudo-random colour per id (the same id has the same colour in every panel); void black."""
     ids = np.asarray(ids, np.int64)
     colours = ((ids[..., None] * np.array([2654435761, 2246822519, 3266489917])) >> 13) % 200 + 55
     return np.where(ids[..., None] == 0, 0, colours).astype(np.uint8)
@@ -247,11 +247,11 @@ def example_rows(model, scenes, truths, steps, seed, drop=0.7, block=8, count=3)
     for i, (scene, truth) in enumerate(zip(scenes[:count], truths[:count])):
         kept = block_drop_mask(*truth.shape, drop, block, np.random.default_rng([seed, i]))
         sparse = np.where(kept, truth, 0)
-        rows.append({'image': scene.rgb, 'truth': remap_labels(truth)[0],
+        rows.append({'image': scene.rgb, 'truth': truth,
                      'sample': model.sample(scene.rgb, steps=steps, seed=seed),
-                     f'kept (d={drop}, B={block})': remap_labels(sparse)[0],
-                     'inpainted': remap_labels(model.complete(scene.rgb, sparse, steps=steps, seed=seed))[0],
-                     'nearest fill': remap_labels(nearest_fill(sparse))[0]})
+                     f'kept (d={drop}, B={block})': sparse,
+                     'inpainted': model.complete(scene.rgb, sparse, steps=steps, seed=seed),
+                     'nearest fill': nearest_fill(sparse)})
     return rows
 
 

@@ -44,7 +44,7 @@ class LDMSegTrainConfig:
     annotations: str = ''          # real COCO: panoptic_train2017.json
     images: str = ''               # real COCO: train2017/
     masks: str = ''                # real COCO: panoptic_train2017/ (PNGs)
-    scenes: int = 8000             # SynthWorld scenes to export when there is no data
+    scenes: int = 10000            # SynthWorld scenes to export when there is no data
     first_seed: int = 0            # seeds first_seed.. (held-out evaluation scenes start at 10^9)
     preload: bool = True           # keep all images and masks in memory (off for real COCO)
     sd_model: str = ''             # SD folder: the image VAE and the UNet initialisation ('' = embedded)
@@ -54,13 +54,13 @@ class LDMSegTrainConfig:
     ae_widths: tuple = (16, 32, 64, 128)   # encoder widths, first log2(f) + 1 used (paper 32..256)
     ae_decoder_channels: int = 64          # paper 256
     ae_norm_groups: int = 16               # paper 32
-    ae_steps: int = 1500
+    ae_steps: int = 2000
     ae_batch: int = 16
-    ae_lr: float = 1e-3
+    ae_lr: float = 3e-3
     ae_points: int = 1024                  # loss pixels per image (6 %; paper 12544 at 512 px, 4.8 %)
     weight_decay: float = 0.05             # paper (both stages)
     unet_channels: tuple = (32, 64, 128)   # only without --init-from-sd
-    unet_steps: int = 8000
+    unet_steps: int = 12000
     batch: int = 16
     lr: float = 4e-4
     self_cond_prob: float = 0.5
@@ -85,7 +85,7 @@ def prepare_data(cfg):
         from ..synthworld.export import export_scenes
         bar = tqdm(total=cfg.scenes, desc='export SynthWorld')
         export_scenes(root, range(cfg.first_seed, cfg.first_seed + cfg.scenes), width=cfg.size,
-                      workers=cfg.workers, progress=lambda: bar.update(1))
+                      depth_format='png16', workers=cfg.workers, progress=lambda: bar.update(1))
         bar.close()
     cache = os.path.join(cfg.out, f'data_{cfg.size}.npz') if cfg.preload else None
     return PanopticData(annotations, images, masks, cfg.size, preload=cfg.preload, cache=cache)
@@ -283,6 +283,9 @@ def train(cfg, export_dir=None):
     vae.to(cfg.device)
     ae, unet = build_models(cfg, vae, sd_unet)
     ae = train_autoencoder(cfg, ae, data)
+    ae_state = _state(os.path.join(cfg.out, 'autoencoder'))
+    tqdm.write(f"autoencoder: step {ae_state.get('step')}, "
+               f"reconstruction PQ {_number(ae_state, 'reconstruction_pq')}")
     scaling = mask_latent_scaling(cfg, ae, data)
     if cfg.stage == 'autoencoder':
         return None
@@ -299,7 +302,60 @@ def train(cfg, export_dir=None):
     model = LDMSeg(vae.cpu(), ae.cpu(), unet.cpu(), config)
     if export_dir:
         model.save(export_dir, half=True)
+        write_model_card(export_dir, cfg, model)
     return model
+
+
+def command_line(cfg):
+    """Spell `cfg` as a `diffseg train ldmseg` command (flags that differ from the defaults)."""
+    defaults, flags = asdict(LDMSegTrainConfig()), []
+    for name, value in asdict(cfg).items():
+        if value == defaults[name]:
+            continue
+        flag = '--' + name.replace('_', '-')
+        if isinstance(value, bool):
+            flags.append(flag if value else '--no-' + flag[2:])
+        else:
+            flags.append(f"{flag} {' '.join(map(str, value)) if isinstance(value, tuple) else value}")
+    return 'diffseg train ldmseg ' + ' '.join(flags)
+
+
+def _number(state, key, digits=3):
+    value = state.get(key)
+    return f'{value:.{digits}f}' if isinstance(value, (int, float)) else 'n/a'
+
+
+def write_model_card(path, cfg, model):
+    """Write MODEL_CARD.md: how the folder was made (command, seeds, steps) and the training numbers."""
+    training, config = model.config.training, model.config
+    ae, unet = training.get('autoencoder', {}), training.get('unet', {})
+    seeds = f'{cfg.first_seed}..{cfg.first_seed + cfg.scenes - 1}'
+    lines = [
+        '# LDMSeg SynthWorld model', '',
+        'LDMSeg (Van Gansbeke & De Brabandere, 2024): class-agnostic panoptic masks and mask inpainting by',
+        'latent diffusion; trained by `diffseg_ros/training/train_ldmseg.py`.', '',
+        f'- command: `{command_line(cfg)} --export {path}`',
+        f'- data: {training.get("images")} images at {cfg.size} px from {training.get("data")}'
+        f' (SynthWorld seeds {seeds} when exported by the trainer); training seed {cfg.seed}',
+        f'- image VAE: copied from `{resolve_model_path(cfg.sd_model)}`,'
+        f' {_parameters(model.vae):,} parameters, factor {model.factor},'
+        f' latent scaling {config.image_scaling:.5g}',
+        f'- mask autoencoder: {_parameters(model.mask_autoencoder):,} parameters, {ae.get("step")} steps of'
+        f' batch {cfg.ae_batch}; reconstruction PQ {_number(ae, "reconstruction_pq")}'
+        f' (SQ {_number(ae, "reconstruction_sq")}, RQ {_number(ae, "reconstruction_rq")})',
+        f'- denoiser: UNet2DModel, {_parameters(model.unet):,} parameters, initialised from SD:'
+        f' {cfg.init_from_sd}; {unet.get("step")} steps of batch {cfg.batch}; final loss (EMA)'
+        f' {_number(unet, "loss_ema", 4)}; mask latent scaling {config.mask_scaling:.5g}',
+        f'- inference defaults: {config.steps} DDIM steps (trailing), softmax >= {config.mask_threshold},'
+        f' segments >= {config.min_area} px, a latent cell is known at >= {config.known_min_fraction:.0%}'
+        ' known pixels',
+        '', '## Evaluation', '', f'Run `diffseg eval ldmseg --model {path}` and record its numbers here.', '']
+    with open(os.path.join(path, 'MODEL_CARD.md'), 'w') as f:
+        f.write('\n'.join(lines))
+
+
+def _parameters(module):
+    return sum(p.numel() for p in module.parameters())
 
 
 def config_from_args(args):
@@ -325,3 +381,10 @@ def add_parser(subparsers):
     parser.add_argument('--export', default=None, help='write the fp16 LDMSeg folder here when done')
     parser.set_defaults(func=lambda a: train(config_from_args(a), a.export) and None)
     return parser
+
+
+if __name__ == '__main__':
+    main_parser = argparse.ArgumentParser(prog='train_ldmseg')
+    add_parser(main_parser.add_subparsers(dest='verb', required=True))
+    parsed = main_parser.parse_args()
+    parsed.func(parsed)
