@@ -10,6 +10,7 @@ VERBS = {
     'train': 'diffseg_ros.tools.train_cli',
     'eval': 'diffseg_ros.tools.evaluate',
     'demo': 'diffseg_ros.tools.demo',
+    'concept': 'diffseg_ros.tools.concept_cli',
 }
 
 

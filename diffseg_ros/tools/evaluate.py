@@ -16,7 +16,7 @@ from ..core.attention import has_self_attention, transformer_blocks
 from ..core.sd_models import load_sd_components
 from ..core.segmenter import Segmenter, SegmenterConfig
 from ..synthworld import generate_scene
-from . import eval_ldmseg
+from . import eval_ldmseg, eval_personal
 
 EVAL_SEED = 1_000_000_000      # held-out scenes start here; training uses seeds below 10^9
 
@@ -180,6 +180,7 @@ def add_parser(subparsers):
     p.add_argument('--report', default=None, help='PNG report path')
     p.set_defaults(func=main)
     suites = p.add_subparsers(dest='suite', required=False, metavar='SUITE',
-                              help='other benchmarks: ldmseg (label completion)')
+                              help='other benchmarks: ldmseg (label completion), personal (SynthMug)')
     eval_ldmseg.add_parser(suites)
+    eval_personal.add_parser(suites)
     os.environ.setdefault('MPLBACKEND', 'Agg')
