@@ -34,7 +34,7 @@ from ..ldmseg.metrics import panoptic_quality
 from ..ldmseg.model import (build_unet, init_from_sd, make_scheduler, training_loss, unet_config,
                             unet_config_from_sd)
 from ..ldmseg.pipeline import LDMSeg, LDMSegConfig, paper_min_area, postprocess
-from .train_sd import _load_optimizer, _load_stage, _save_stage, lr_factor
+from .checkpoints import load_optimizer, load_stage, lr_factor, save_stage, stage_state, start_run
 
 
 @dataclass
@@ -141,11 +141,11 @@ def mask_bits(segments, rng, device):
 # --- stage 1: autoencoder ----------------------------------------------------------------------------------
 def train_autoencoder(cfg, ae, data):
     path = os.path.join(cfg.out, 'autoencoder')
-    done = _load_stage(path, ae)
+    done = load_stage(path, ae)
     ae.to(cfg.device)
     if done < cfg.ae_steps:
         opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=cfg.weight_decay)
-        _load_optimizer(path, opt)
+        load_optimizer(path, opt)
         ae.train()
         ema = None
         bar = tqdm(range(done, cfg.ae_steps), desc='autoencoder', initial=done, total=cfg.ae_steps)
@@ -169,7 +169,7 @@ def train_autoencoder(cfg, ae, data):
                 metrics = dict(loss_ema=ema, **parts)
                 if step + 1 == cfg.ae_steps:
                     metrics.update(reconstruction_pq(cfg, ae, data))
-                _save_stage(path, ae, opt, step + 1, metrics)
+                save_stage(path, ae, opt, step + 1, metrics)
     return ae.eval().requires_grad_(False)
 
 
@@ -230,13 +230,13 @@ def image_latents(cfg, vae, data):
 # --- stage 4: denoiser --------------------------------------------------------------------------------------
 def train_denoiser(cfg, unet, ae, vae, data, latents, scaling):
     path = os.path.join(cfg.out, 'unet')
-    done = _load_stage(path, unet)
+    done = load_stage(path, unet)
     unet.to(cfg.device)
     if done >= cfg.unet_steps:
         return unet.eval()
     scheduler = make_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    _load_optimizer(path, opt)
+    load_optimizer(path, opt)
     unet.train()
     ema = None
     bar = tqdm(range(done, cfg.unet_steps), desc='unet', initial=done, total=cfg.unet_steps)
@@ -257,33 +257,21 @@ def train_denoiser(cfg, unet, ae, vae, data, latents, scaling):
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         bar.set_postfix(loss=f'{ema:.4f}')
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            _save_stage(path, unet, opt, step + 1, dict(loss_ema=ema))
+            save_stage(path, unet, opt, step + 1, dict(loss_ema=ema))
     return unet.eval()
 
 
 # --- main ---------------------------------------------------------------------------------------------------
-def _state(path):
-    file = os.path.join(path, 'state.json')
-    if not os.path.isfile(file):
-        return {}
-    with open(file) as f:
-        return json.load(f)
-
-
 def train(cfg, export_dir=None):
     """Run (or resume) the stages; returns the LDMSeg model (None after --stage autoencoder)."""
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, 'config.json'), 'w') as f:
-        json.dump(asdict(cfg), f, indent=1)
+    start_run(cfg)
     started = time.time()
     data = prepare_data(cfg)
     vae, sd_unet = load_sd_parts(cfg.sd_model, cfg.init_from_sd)
     vae.to(cfg.device)
     ae, unet = build_models(cfg, vae, sd_unet)
     ae = train_autoencoder(cfg, ae, data)
-    ae_state = _state(os.path.join(cfg.out, 'autoencoder'))
+    ae_state = stage_state(os.path.join(cfg.out, 'autoencoder'))
     tqdm.write(f"autoencoder: step {ae_state.get('step')}, "
                f"reconstruction PQ {_number(ae_state, 'reconstruction_pq')}")
     scaling = mask_latent_scaling(cfg, ae, data)
@@ -292,8 +280,8 @@ def train(cfg, export_dir=None):
     latents = image_latents(cfg, vae, data)
     unet = train_denoiser(cfg, unet, ae, vae, data, latents, scaling)
     provenance = dict(data=str(cfg.data or os.path.join(cfg.out, 'data')), images=len(data),
-                      config=asdict(cfg), autoencoder=_state(os.path.join(cfg.out, 'autoencoder')),
-                      unet=_state(os.path.join(cfg.out, 'unet')),
+                      config=asdict(cfg), autoencoder=stage_state(os.path.join(cfg.out, 'autoencoder')),
+                      unet=stage_state(os.path.join(cfg.out, 'unet')),
                       seconds_this_run=round(time.time() - started))
     config = LDMSegConfig(size=(cfg.size, cfg.size), image_scaling=float(vae.config.scaling_factor),
                           mask_scaling=float(scaling), min_area=paper_min_area(cfg.size, cfg.size),

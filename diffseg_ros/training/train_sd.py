@@ -10,10 +10,8 @@ Stages, each resumable from its checkpoint in the run folder:
 from dataclasses import asdict, dataclass
 import json
 from functools import partial
-import math
 import multiprocessing
 import os
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,6 +25,7 @@ from transformers import CLIPTextConfig
 from ..core.sd_models import build_sd_components, save_sd_components
 from ..synthworld import generate_scene
 from ..synthworld.captions import make_caption
+from .checkpoints import load_optimizer, load_stage, lr_factor, save_stage, start_run
 from .probe import probe
 
 
@@ -122,11 +121,11 @@ def to_pixels(images):
 def train_vae(cfg, vae_cfg, images, rng):
     path = os.path.join(cfg.out, 'vae')
     vae = AutoencoderKL(**vae_cfg)
-    done = _load_stage(path, vae)
+    done = load_stage(path, vae)
     if done >= cfg.vae_steps:
         return vae
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
-    _load_optimizer(path, opt)
+    load_optimizer(path, opt)
     vae.train()
     bar = tqdm(range(done, cfg.vae_steps), desc='vae', initial=done, total=cfg.vae_steps)
     for step in bar:
@@ -140,7 +139,7 @@ def train_vae(cfg, vae_cfg, images, rng):
         opt.step()
         bar.set_postfix(rec=f'{rec_loss.item():.4f}')
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            _save_stage(path, vae, opt, step + 1, dict(rec_loss=rec_loss.item()))
+            save_stage(path, vae, opt, step + 1, dict(rec_loss=rec_loss.item()))
     vae.eval()
     return vae
 
@@ -173,14 +172,14 @@ def encode_latents(cfg, vae, images):
 def train_unet(cfg, parts, latents, objects):
     path = os.path.join(cfg.out, 'unet')
     text_encoder, unet = parts.text_encoder, parts.unet
-    done = _load_stage(path, unet, text_encoder)
+    done = load_stage(path, unet, text_encoder)
     if done >= cfg.unet_steps:
         return
     for module in (unet, text_encoder):
         module.requires_grad_(True)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
-    _load_optimizer(path, opt)
+    load_optimizer(path, opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.unet_steps), last_epoch=-1)
     for _ in range(done):
         sched.step()
@@ -213,7 +212,7 @@ def train_unet(cfg, parts, latents, objects):
             unet.train()
             text_encoder.train()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            _save_stage(path, unet, opt, step + 1, metrics, text_encoder)
+            save_stage(path, unet, opt, step + 1, metrics, text_encoder)
     unet.eval()
     text_encoder.eval()
 
@@ -227,58 +226,10 @@ def denoising_loss(parts, x0, captions, t, noise):
     return F.mse_loss(pred, noise)
 
 
-def lr_factor(step, total, warmup=500):
-    """Linear warm-up then cosine decay to 10 %."""
-    warmup = min(warmup, max(1, total // 10))
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-# --- checkpoints -----------------------------------------------------------------------------------------
-def _save_stage(path, model, opt, step, metrics, extra=None):
-    """Atomic checkpoint: weights as safetensors, optimizer state with torch.save (our own file)."""
-    os.makedirs(path, exist_ok=True)
-    tensors = {f'model.{k}': v.contiguous() for k, v in model.state_dict().items()}
-    if extra is not None:
-        tensors.update({f'extra.{k}': v.contiguous() for k, v in extra.state_dict().items()})
-    save_file(tensors, os.path.join(path, 'weights.tmp'))
-    torch.save(opt.state_dict(), os.path.join(path, 'optimizer.tmp'))
-    with open(os.path.join(path, 'state.tmp'), 'w') as f:
-        json.dump(dict(step=step, time=time.time(), **metrics), f)
-    for name, ext in (('weights', 'safetensors'), ('optimizer', 'pt'), ('state', 'json')):
-        os.replace(os.path.join(path, f'{name}.tmp'), os.path.join(path, f'{name}.{ext}'))
-    with open(os.path.join(path, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(dict(step=step, **metrics)) + '\n')
-
-
-def _load_stage(path, model, extra=None):
-    state = os.path.join(path, 'state.json')
-    if not os.path.isfile(state):
-        return 0
-    tensors = load_file(os.path.join(path, 'weights.safetensors'))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('model.')})
-    if extra is not None:
-        extra.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith('extra.')})
-    with open(state) as f:
-        return json.load(f)['step']
-
-
-def _load_optimizer(path, opt):
-    file = os.path.join(path, 'optimizer.pt')
-    if os.path.isfile(file):
-        opt.load_state_dict(torch.load(file, weights_only=True))
-
-
 # --- main --------------------------------------------------------------------------------------------------
 def train(cfg, export_dir=None):
     """Run (or resume) every stage; export the fp16 diffusers folder when export_dir is given."""
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, 'config.json'), 'w') as f:
-        json.dump(asdict(cfg), f, indent=1)
+    start_run(cfg)
     rng = np.random.default_rng(cfg.seed)
     text_cfg, vae_cfg, unet_cfg = model_configs(cfg)
     images, objects = build_dataset(cfg)
@@ -297,10 +248,10 @@ def export_checkpoint(cfg, out_dir):
     text_cfg, vae_cfg, unet_cfg = model_configs(cfg)
     parts = build_sd_components((text_cfg, vae_cfg, unet_cfg), seed=cfg.seed)
     parts.vae = AutoencoderKL(**vae_cfg)
-    _load_stage(os.path.join(cfg.out, 'vae'), parts.vae)
+    load_stage(os.path.join(cfg.out, 'vae'), parts.vae)
     parts.vae.register_to_config(
         scaling_factor=float(load_file(os.path.join(cfg.out, 'latents.safetensors'))['scaling']))
-    step = _load_stage(os.path.join(cfg.out, 'unet'), parts.unet, parts.text_encoder)
+    step = load_stage(os.path.join(cfg.out, 'unet'), parts.unet, parts.text_encoder)
     export(parts, out_dir)
     return step
 
