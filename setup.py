@@ -37,6 +37,7 @@ setup(
         'console_scripts': [
             'diffseg_node = diffseg_ros.node:main',
             'synth_camera = diffseg_ros.ros.synth_camera:main',
+            'ldmseg_node = diffseg_ros.ros.ldmseg_node:main',
             'diffseg = diffseg_ros.tools.cli:main',
         ],
     },

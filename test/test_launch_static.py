@@ -8,7 +8,8 @@ from rclpy.parameter import Parameter
 import yaml
 
 from diffseg_ros.ros.parameters import SPECS
-from diffseg_ros.ros.segmentation_node import IMAGE_TOPIC, NODE_NAME, QUERY_TOPIC
+from diffseg_ros.ros.segmentation_node import CAMERA_INFO_TOPIC, DEPTH_TOPIC, IMAGE_TOPIC, NODE_NAME, \
+    QUERY_TOPIC
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON_TYPES = {Parameter.Type.STRING: str, Parameter.Type.INTEGER: int, Parameter.Type.DOUBLE: float,
@@ -77,10 +78,11 @@ def test_diffseg_launch_runs_the_node_with_yaml_and_remappable_topics():
     assert constant(keyword(node, 'package')) == 'diffseg_ros'
     assert constant(keyword(node, 'name')) == NODE_NAME
     assert console_scripts()['diffseg_node'] == 'diffseg_ros.node:main'
-    assert {'params_file', 'model_path', 'image_topic', 'query_topic', 'namespace'} <= launch_arguments(tree)
+    assert {'params_file', 'model_path', 'image_topic', 'query_topic', 'depth_topic', 'camera_info_topic',
+            'concepts_dir', 'namespace'} <= launch_arguments(tree)
     assert 'diffseg.yaml' in strings(tree)
     remapped = {constant(pair.elts[0]) for pair in keyword(node, 'remappings').elts}
-    assert remapped == {IMAGE_TOPIC, QUERY_TOPIC}
+    assert remapped == {IMAGE_TOPIC, QUERY_TOPIC, DEPTH_TOPIC, CAMERA_INFO_TOPIC}
     assert keyword(node, 'parameters') is not None and keyword(node, 'namespace') is not None
 
 
@@ -88,7 +90,8 @@ def test_synth_demo_feeds_the_camera_into_diffseg():
     tree = parse('launch/synth_demo.launch.py')
     diffseg = node_call(tree, 'diffseg_node')
     remaps = {constant(pair.elts[0]): constant(pair.elts[1]) for pair in keyword(diffseg, 'remappings').elts}
-    assert remaps[IMAGE_TOPIC] == 'camera/image'
+    assert remaps[IMAGE_TOPIC] == 'camera/image' and remaps[DEPTH_TOPIC] == 'camera/depth'
+    assert remaps[CAMERA_INFO_TOPIC] == 'camera/camera_info'
     camera = node_call(tree, 'synth_camera')
     assert constant(keyword(camera, 'package')) == 'diffseg_ros'
     assert {'diffseg.yaml', 'diffseg.rviz', 'fastdds_localhost.xml'} <= strings(tree)
@@ -118,6 +121,9 @@ def test_rviz_config_shows_the_outputs_in_the_camera_frame():
     manager = config['Visualization Manager']
     images = {d['Topic']['Value'] for d in manager['Displays'] if d['Class'] == 'rviz_default_plugins/Image'}
     assert images == {f'/{NODE_NAME}/overlay', f'/{NODE_NAME}/semantic', f'/{NODE_NAME}/mask'}
+    markers = {d['Topic']['Value'] for d in manager['Displays']
+               if d['Class'] == 'rviz_default_plugins/MarkerArray'}
+    assert markers == {f'/{NODE_NAME}/markers'}
     assert manager['Global Options']['Fixed Frame'] == 'camera_optical_frame'
 
 

@@ -30,7 +30,8 @@ def stamp_sec(msg):
 
 def test_starts_with_empty_latched_state(diffseg):
     state = json.loads(diffseg.state.wait_for().data)
-    assert state == {'queries': [], 'method': 't2m', 'truncated': [], 'warnings': []}
+    assert state == {'queries': [], 'method': 't2m', 'mode': 'semantic', 'truncated': [], 'warnings': [],
+                     'concepts': [], 'refused_concepts': []}
 
 
 def test_images_before_any_query_publish_nothing_and_warn(diffseg):
@@ -45,8 +46,10 @@ def test_images_before_any_query_publish_nothing_and_warn(diffseg):
 def test_query_is_confirmed_on_latched_state_topic(diffseg):
     state = diffseg.send_query(' red mug ;blue bottle; ', expect=QUERIES)
     assert state is not None, f'query not confirmed; log:\n{diffseg.process.log}'
-    assert state['queries'] == [{'label': 1, 'text': 'red mug'}, {'label': 2, 'text': 'blue bottle'}]
-    assert state['method'] == 't2m' and state['truncated'] == []
+    plain = {'concept': None, 'class_word': None}
+    assert state['queries'] == [dict(plain, label=1, text='red mug', prompt='red mug'),
+                                dict(plain, label=2, text='blue bottle', prompt='blue bottle')]
+    assert state['method'] == 't2m' and state['mode'] == 'semantic' and state['truncated'] == []
 
 
 def test_late_subscriber_receives_the_state(diffseg):

@@ -82,22 +82,36 @@ def _status_level(stats):
     return DiagnosticStatus.OK, f"segmenting; active queries: {len(stats['queries'])}"
 
 
-def build_diagnostics(stats, describe, now):
-    """One DiagnosticArray with the node's status; now is an rclpy Time of the node clock."""
-    level, message = _status_level(stats)
+def timing_values(stats, now):
+    """Return the rolling inference latency and the result age (now - last result stamp) as report values."""
     latency = sum(stats['latencies']) / len(stats['latencies']) if stats['latencies'] else None
     age = None
     if stats['last_stamp'] is not None:
         age = (now.nanoseconds - (stats['last_stamp'].sec * 10**9 + stats['last_stamp'].nanosec)) / 1e9
+    return {'inference latency mean (s)': '' if latency is None else f'{latency:.3f}',
+            'inference latency samples': len(stats['latencies']),
+            'result age (s)': '' if age is None else f'{age:.3f}'}
+
+
+def diagnostic_array(level, name, message, hardware_id, values, now):
+    """Wrap one status with string values in a stamped DiagnosticArray."""
+    status = DiagnosticStatus(level=level, name=name, message=message, hardware_id=hardware_id,
+                              values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+    array = DiagnosticArray(status=[status])
+    array.header.stamp = now.to_msg()
+    return array
+
+
+def build_diagnostics(stats, describe, now):
+    """One DiagnosticArray with the node's status; now is an rclpy Time of the node clock."""
+    level, message = _status_level(stats)
     values = {
         'model': describe.get('model', ''),
         'device': describe.get('device', ''),
         'dtype': describe.get('dtype', ''),
         'method': describe.get('method', ''),
         'queries': '; '.join(stats['queries']),
-        'inference latency mean (s)': '' if latency is None else f'{latency:.3f}',
-        'inference latency samples': len(stats['latencies']),
-        'result age (s)': '' if age is None else f'{age:.3f}',
+        **timing_values(stats, now),
         'frames received': stats['received'],
         'frames processed': stats['processed'],
         'frames dropped': stats['dropped'],
@@ -107,12 +121,7 @@ def build_diagnostics(stats, describe, now):
         'queries rejected': stats['queries_rejected'],
         'last error': stats['last_error'],
     }
-    status = DiagnosticStatus(level=level, name=STATUS_NAME, message=message,
-                              hardware_id=str(describe.get('model', '')),
-                              values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
-    array = DiagnosticArray(status=[status])
-    array.header.stamp = now.to_msg()
-    return array
+    return diagnostic_array(level, STATUS_NAME, message, str(describe.get('model', '')), values, now)
 
 
 class RepeatFilter:

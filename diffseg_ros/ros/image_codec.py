@@ -88,6 +88,23 @@ def to_rgb(msg):
     return np.ascontiguousarray(pixels[:, :, :3])
 
 
+# REP-118 depth encodings -> metres per unit
+DEPTH_SCALES = {'32FC1': 1.0, '16UC1': 0.001}
+
+
+def to_depth_metres(msg):
+    """Decode a REP-118 depth image (32FC1 metres, 16UC1 millimetres) to float32 metres, NaN where invalid.
+
+    Invalid: 0, negative, NaN and +-inf (REP-118's "no return" values).
+    """
+    if msg.encoding not in DEPTH_SCALES:
+        raise ValueError(f"unsupported depth encoding '{msg.encoding}' (REP-118: 32FC1 metres, "
+                         f'16UC1 millimetres)')
+    depth = image_msg_to_numpy(msg).astype(np.float32) * np.float32(DEPTH_SCALES[msg.encoding])
+    depth[~(np.isfinite(depth) & (depth > 0))] = np.nan
+    return depth
+
+
 def numpy_to_image_msg(array, encoding, header=None):
     """Encode a numpy array as an Image message (native byte order, no row padding).
 

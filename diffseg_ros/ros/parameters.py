@@ -1,8 +1,9 @@
 """ROS parameters of the diffseg node: declaration, reading, validation, mapping to SegmenterConfig.
 
-Engine parameters take their defaults from SegmenterConfig so the node and the library cannot drift.
-Parameters that shape the model or the text embedding are read-only; thresholds and the overlay
-opacity can be tuned at runtime (`ros2 param set /diffseg box_threshold 0.3`).
+Engine parameters take their defaults from SegmenterConfig (instances.* from PersonalConfig, learn.* from
+LearnSettings) so the node and the library cannot drift. Parameters that shape the model or the text
+embedding are read-only; thresholds and the overlay opacity can be tuned at runtime
+(`ros2 param set /diffseg box_threshold 0.3`).
 """
 from dataclasses import dataclass, fields, replace
 
@@ -10,9 +11,13 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.parameter import Parameter
 
+from ..core.instances import PersonalConfig
 from ..core.segmenter import SegmenterConfig
+from ..training.custom_diffusion import LearnSettings
 
 ENGINE_DEFAULTS = SegmenterConfig()
+PERSONAL_DEFAULTS = PersonalConfig()
+LEARN_DEFAULTS = LearnSettings()
 T = Parameter.Type
 
 
@@ -73,9 +78,43 @@ SPECS = (
          constraints='0..1'),
     Spec('diagnostics_period', T.DOUBLE, 1.0, 'seconds between /diagnostics reports',
          constraints='0.05..3600'),
+    # Personal concepts, instances, 3D centroids and markers
+    Spec('concepts_dir', T.STRING, '',
+         "folder of personal concepts (one subfolder each, `diffseg concept learn --out`); '' = none"),
+    Spec('instances.max_segments', T.INTEGER, PERSONAL_DEFAULTS.max_segments,
+         'upper bound of the instances a class word is split into', constraints='1..32'),
+    Spec('instances.min_score', T.DOUBLE, PERSONAL_DEFAULTS.min_score,
+         'a query is assigned no instance when its best joint score is below this', constraints='0..1'),
+    Spec('depth_tolerance', T.DOUBLE, 0.05,
+         'largest stamp difference (s) between an image and the depth frame used for its 3D centroids',
+         constraints='0..10'),
+    Spec('marker_lifetime', T.DOUBLE, 0.0, 'lifetime (s) of ~/markers; 0 = twice the measured result period',
+         read_only=False, constraints='0..3600'),
+    # Learning a concept from the camera (~/learn)
+    Spec('learn.frames', T.INTEGER, 5, 'frames whose class-word segment is cropped for a learn request',
+         constraints='1..100'),
+    Spec('learn.margin', T.DOUBLE, 0.15, 'margin around the segment box of a crop, as a fraction of its size',
+         constraints='0..2'),
+    Spec('learn.timeout', T.DOUBLE, 60.0, 'seconds to wait for the frames of a learn request',
+         constraints='1..3600'),
+    Spec('learn.steps', T.INTEGER, LEARN_DEFAULTS.steps, 'Custom Diffusion training steps',
+         constraints='1..100000'),
+    Spec('learn.batch', T.INTEGER, LEARN_DEFAULTS.batch, 'crops per training step', constraints='1..64'),
+    Spec('learn.size', T.INTEGER, LEARN_DEFAULTS.size, 'training image size in px; 0 = model default',
+         constraints='0 or 8..2048'),
+    Spec('learn.class_count', T.INTEGER, LEARN_DEFAULTS.class_count,
+         'class images generated for prior preservation; 0 = none', constraints='0..1000'),
+    Spec('learn.sample_steps', T.INTEGER, LEARN_DEFAULTS.sample_steps, 'DDIM steps per generated class image',
+         constraints='1..1000'),
+    Spec('learn.seed', T.INTEGER, LEARN_DEFAULTS.seed, 'seed of the training'),
 )
 ENGINE_FIELDS = {f.name for f in fields(SegmenterConfig)}
-NODE_ONLY = ('crf', 'qos.image.reliability', 'qos.image.depth', 'overlay_alpha', 'diagnostics_period')
+NODE_ONLY = ('crf',) + tuple(spec.name for spec in SPECS if spec.name not in ENGINE_FIELDS)
+# (name, lowest, highest) of the numeric node parameters, checked at start and on runtime changes
+RANGES = (('qos.image.depth', 1, 100), ('instances.max_segments', 1, 32), ('instances.min_score', 0.0, 1.0),
+          ('depth_tolerance', 0.0, 10.0), ('marker_lifetime', 0.0, 3600.0), ('learn.frames', 1, 100),
+          ('learn.margin', 0.0, 2.0), ('learn.timeout', 1.0, 3600.0), ('learn.steps', 1, 100000),
+          ('learn.batch', 1, 64), ('learn.class_count', 0, 1000), ('learn.sample_steps', 1, 1000))
 
 
 class ParameterError(ValueError):
@@ -108,15 +147,18 @@ def _without_suffix(err, name):
 
 def validate_node_values(values):
     """Check the parameters the node itself uses; raise ParameterError naming the bad one."""
-    reliability, depth = values['qos.image.reliability'], values['qos.image.depth']
+    reliability = values['qos.image.reliability']
     alpha, period = values['overlay_alpha'], values['diagnostics_period']
+    size = values['learn.size']
     checks = [
         (reliability in ('best_effort', 'reliable'),
          f"qos.image.reliability must be 'best_effort' or 'reliable', got {reliability!r}"),
-        (1 <= depth <= 100, f'qos.image.depth must be 1..100, got {depth}'),
         (0.0 <= alpha <= 1.0, f'overlay_alpha must be in [0, 1], got {alpha}'),
         (0.05 <= period <= 3600, f'diagnostics_period must be 0.05..3600 s, got {period}'),
+        (size == 0 or 8 <= size <= 2048, f'learn.size must be 0 or 8..2048, got {size}'),
     ]
+    checks += [(low <= values[name] <= high, f'{name} must be {low}..{high}, got {values[name]}')
+               for name, low, high in RANGES]
     for ok, message in checks:
         if not ok:
             raise ParameterError(message)
@@ -149,3 +191,15 @@ def updated_config(config, params):
         return replace(config, **changes).validate()
     except ValueError as err:
         raise ParameterError(str(err)) from None
+
+
+def personal_config(values):
+    """Build the PersonalConfig (instance path) of the parameter values."""
+    return PersonalConfig(max_segments=values['instances.max_segments'],
+                          min_score=values['instances.min_score']).validate()
+
+
+def learn_settings(values):
+    """Build the LearnSettings (Custom Diffusion) of the learn.* parameter values."""
+    names = ('steps', 'batch', 'size', 'class_count', 'sample_steps', 'seed')
+    return replace(LEARN_DEFAULTS, **{name: values['learn.' + name] for name in names})

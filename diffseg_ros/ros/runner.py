@@ -7,11 +7,12 @@ from rclpy.executors import ExternalShutdownException
 EXIT_BAD_ARGUMENTS = 2
 
 
-def run_node(make_node, name, args, failures=()):
+def run_node(make_node, name, args, failures=(), make_executor=None):
     """Create the node with make_node() and spin it until SIGINT; return the process exit code.
 
     failures: (exception type, log prefix, exit code) triples for errors the constructor may raise;
     they are logged as one error line with no traceback (the first matching type wins).
+    make_executor: returns the executor to spin with (default: rclpy's single-threaded one).
     """
     try:
         rclpy.init(args=args)
@@ -29,7 +30,7 @@ def run_node(make_node, name, args, failures=()):
         rclpy.try_shutdown()
         return code
     try:
-        rclpy.spin(node)
+        rclpy.spin(node, executor=make_executor() if make_executor else None)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -1,0 +1,184 @@
+"""Learning a concept from the robot's camera: request parsing, crop collection, job state (ROS-free).
+
+A request "my mug = mug" names the concept and its class word. The job crops the class word's segment
+out of the next N frames, then trains (Custom Diffusion) on the crops; its status is a JSON-ready dict:
+state queued -> collecting -> training -> done, or failed at any point, with an overall progress 0..1.
+"""
+from dataclasses import dataclass
+import threading
+import time
+
+import numpy as np
+from scipy import ndimage
+
+from .concepts import ConceptError, normalise_name, safe_folder_name, save_concept
+
+MAX_REQUEST_CHARS = 200
+MAX_NAME_CHARS = 100
+MAX_CLASS_CHARS = 50
+MIN_CROP_PIXELS = 16
+COLLECT_SHARE = 0.2     # share of the progress bar for collecting; training has the rest
+
+
+class LearnRequestError(ValueError):
+    """A learn request refused before anything changes."""
+
+
+class LearnCancelled(Exception):
+    """Training stopped because the node shuts down."""
+
+
+@dataclass
+class LearnRequest:
+    name: str
+    class_word: str
+    text: str
+
+
+def _clean(text):
+    return ' '.join(''.join(ch if ch.isprintable() else ' ' for ch in str(text)).split())
+
+
+def parse_learn_request(text):
+    """Parse 'my mug = mug' (concept name = class word); raise LearnRequestError saying what is wrong."""
+    cleaned = _clean(text)
+    if len(cleaned) > MAX_REQUEST_CHARS:
+        raise LearnRequestError(f'learn request longer than {MAX_REQUEST_CHARS} characters')
+    parts = [part.strip() for part in cleaned.split('=')]
+    if len(parts) != 2 or not all(parts):
+        raise LearnRequestError(f"learn request {cleaned!r} must be 'name = class word', e.g. 'my mug = mug'")
+    name, class_word = parts
+    if len(name) > MAX_NAME_CHARS or len(class_word) > MAX_CLASS_CHARS:
+        raise LearnRequestError(f'name (max {MAX_NAME_CHARS} characters) or class word '
+                                f'(max {MAX_CLASS_CHARS}) too long')
+    if normalise_name(name) == normalise_name(class_word):
+        raise LearnRequestError(f'the name {name!r} must differ from its class word, or every plain '
+                                f'{class_word!r} query would mean the concept')
+    if any(ch in class_word for ch in '<>;'):
+        raise LearnRequestError(f'class word {class_word!r} may not hold <, > or ;')
+    try:
+        safe_folder_name(name)
+    except ConceptError as err:
+        raise LearnRequestError(str(err)) from None
+    return LearnRequest(name, class_word, cleaned)
+
+
+def crop_segment(rgb, mask, margin=0.15, min_pixels=MIN_CROP_PIXELS):
+    """Crop the box of the mask's largest 8-connected piece plus a margin (x its size); None if too small."""
+    pieces, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count == 0:
+        return None
+    sizes = np.bincount(pieces.ravel())[1:]
+    biggest = int(np.argmax(sizes)) + 1
+    if sizes[biggest - 1] < min_pixels:
+        return None
+    rows, cols = np.nonzero(pieces == biggest)
+    pad_y = int(round(margin * (rows.max() - rows.min() + 1)))
+    pad_x = int(round(margin * (cols.max() - cols.min() + 1)))
+    top, bottom = max(0, rows.min() - pad_y), min(mask.shape[0], rows.max() + 1 + pad_y)
+    left, right = max(0, cols.min() - pad_x), min(mask.shape[1], cols.max() + 1 + pad_x)
+    return np.ascontiguousarray(rgb[top:bottom, left:right])
+
+
+class LearnJob:
+    """State of one learn request; the node's worker and training thread update it, status() reports it."""
+
+    ACTIVE = ('queued', 'collecting', 'training')
+
+    def __init__(self, job_id, request, frames, text=''):
+        self.id = job_id
+        self.request = request            # None for a request refused while parsing
+        self.text = request.text if request else _clean(text)
+        self.frames = frames              # frames to look at
+        self.seen = 0
+        self.crops = []
+        self.state = 'queued'
+        self.progress = 0.0
+        self.message = f'waiting to look at the next {frames} frames'
+        self.started = None
+        self.concept = None               # the learned Concept once trained
+        self._lock = threading.Lock()
+
+    @classmethod
+    def refused(cls, job_id, text, reason):
+        """Make a job failed from the start (bad request text, busy, nowhere to save)."""
+        job = cls(job_id, None, 0, text)
+        job.fail(reason)
+        return job
+
+    @property
+    def active(self):
+        return self.state in self.ACTIVE
+
+    def status(self):
+        """Return the JSON-ready status of the job."""
+        with self._lock:
+            return {'id': self.id, 'request': self.text,
+                    'name': self.request.name if self.request else None,
+                    'class_word': self.request.class_word if self.request else None,
+                    'state': self.state, 'progress': round(self.progress, 3), 'message': self.message,
+                    'frames': self.seen, 'crops': len(self.crops)}
+
+    def _set(self, state, progress, message):
+        with self._lock:
+            self.state, self.progress, self.message = state, progress, message
+
+    def start_collecting(self, now=None):
+        self.started = time.monotonic() if now is None else now
+        word = self.request.class_word
+        self._set('collecting', 0.0, f'looking for {word!r} in the next {self.frames} frames')
+
+    def add_frame(self, rgb, mask, margin=0.15):
+        """Crop the class word's segment of one frame; after the last frame move on to training or fail."""
+        crop = crop_segment(rgb, mask, margin)
+        with self._lock:
+            self.seen += 1
+            if crop is not None:
+                self.crops.append(crop)
+        word = self.request.class_word
+        if self.seen < self.frames:
+            self._set('collecting', COLLECT_SHARE * self.seen / self.frames,
+                      f'{len(self.crops)} crops of {word!r} from {self.seen}/{self.frames} frames')
+        elif self.crops:
+            self._set('training', COLLECT_SHARE, f'training on {len(self.crops)} crops of {word!r}')
+        else:
+            self.fail(f'no segment of {word!r} found in {self.frames} frames')
+
+    def expired(self, timeout, now=None):
+        """Return True while collecting for longer than timeout seconds."""
+        now = time.monotonic() if now is None else now
+        return self.state == 'collecting' and self.started is not None and now - self.started > timeout
+
+    def training_step(self, step, steps, loss):
+        self._set('training', COLLECT_SHARE + (1 - COLLECT_SHARE) * step / max(steps, 1) * 0.99,
+                  f'training step {step}/{steps}, loss {loss:.4f}')
+
+    def finish(self, message):
+        self._set('done', 1.0, message)
+
+    def fail(self, message):
+        self._set('failed', self.progress, message)
+
+
+def train_job(job, trainer, concepts_dir, token, settings, report=None, cancelled=lambda: False,
+              report_every=None):
+    """Train the job's concept on its crops and save it atomically in concepts_dir; returns the Concept.
+
+    Nothing is written unless training succeeds (a failed learn leaves the directory as it was).
+    report() is called every report_every steps (default: about 20 reports); cancelled() stops training
+    with LearnCancelled.
+    """
+    every = report_every or max(1, settings.steps // 20)
+
+    def progress(step, steps, loss):
+        if cancelled():
+            raise LearnCancelled()
+        job.training_step(step, steps, loss)
+        if report is not None and (step % every == 0 or step == steps):
+            report()
+    request = job.request
+    concept = trainer.learn(job.crops, request.name, request.class_word, None, token=token, settings=settings,
+                            progress=progress, show_progress=False)
+    save_concept(concept, concepts_dir)
+    job.concept = concept
+    return concept
