@@ -1,12 +1,16 @@
-"""`diffseg demo` (`make demo`): camera, segmentation node and a planner as separate processes over DDS.
+"""`diffseg demo` (`make demo`): camera, nodes and a planner as separate processes over DDS.
 
-The SynthWorld camera orbits one household scene; the node runs with the embedded model; this process
-is the planner: it asks for "red mug", then for two objects at once, waits until `~/queries` confirms
-each request, prints the IoU of every answer against the camera's ground truth as frames arrive, saves
-the overlays and ends with a summary. DDS stays on localhost with a private domain id.
+The SynthWorld camera orbits one household scene; the nodes run with the embedded models; this process
+is the planner. With the `diffseg` node it asks for "red mug", then for two objects at once, waits until
+`~/queries` confirms each request and prints the IoU of every answer against the camera's ground truth as
+frames arrive (overlays saved). Then it teaches the node "my mug" from the camera (`~/learn`), asks for
+"my mug" and prints whether the assigned instance is the right one. Last, the `ldmseg` node completes a
+sparse set of labelled 3D points into dense instances, with ids carried from frame to frame. The demo
+ends with a summary. DDS stays on localhost with a private domain id.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,10 +20,17 @@ import cv2
 import numpy as np
 
 from ..synthworld import generate_scene
+from .evaluate import iou
 
 REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            'config')
 FIRST_QUERY = 'red mug'
+CAMERA_REMAPS = ('-r', 'image:=camera/image', '-r', 'depth:=camera/depth',
+                 '-r', 'camera_info:=camera/camera_info')
+LEARN_REQUEST = 'my mug = mug'     # the planner names the camera's mug "my mug"
+PERSONAL_QUERY = 'my mug'
+# Small Custom Diffusion settings so the demo ends within its 3 minutes on 2 CPU cores.
+LEARN_PARAMETERS = ('learn.frames:=3', 'learn.steps:=80', 'learn.class_count:=4', 'learn.timeout:=60.0')
 DEMO_SEED = 1_000_000_006       # a held-out scene with a red mug among other objects
 
 
@@ -43,6 +54,11 @@ def start(module, *ros_args, log_dir):
     log = open(os.path.join(log_dir, module.rsplit('.', 1)[-1] + '.log'), 'w')
     cmd = [sys.executable, '-m', module, '--ros-args', *ros_args]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+def model_override(path):
+    """ROS arguments setting model_path when a folder is given ('' keeps the params file's value)."""
+    return ['-p', f'model_path:={os.path.abspath(path)}'] if path else []
 
 
 def stop(process):
@@ -77,6 +93,12 @@ class Planner:
         self.node.create_subscription(Image, 'diffseg/semantic', self._on_semantic, reliable)
         self.node.create_subscription(Image, 'diffseg/overlay', self._on_overlay, reliable)
         self.node.create_subscription(String, 'diffseg/queries', self._on_queries, latched)
+        self.learn_pub = self.node.create_publisher(String, 'diffseg/learn', reliable)
+        self.learn_status, self.assignments = None, []
+        self.node.create_subscription(String, 'diffseg/learn_status', self._on_learn_status, latched)
+        self.node.create_subscription(String, 'diffseg/assignments', self._on_assignments, reliable)
+        self.node.create_subscription(Image, 'diffseg/instances', self._on_instances, reliable)
+        self.instances = {}
 
     @staticmethod
     def _stamp(msg):
@@ -105,6 +127,17 @@ class Planner:
     def _on_queries(self, msg):
         self.confirmed = json.loads(msg.data)
 
+    def _on_learn_status(self, msg):
+        self.learn_status = json.loads(msg.data)
+
+    def _on_assignments(self, msg):
+        self.assignments.append(json.loads(msg.data))
+
+    def _on_instances(self, msg):
+        self.instances[self._stamp(msg)] = self.decode(msg)
+        for old in sorted(self.instances)[:-20]:
+            del self.instances[old]
+
     def spin_for(self, seconds, until=lambda: False):
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not until():
@@ -130,6 +163,8 @@ class Planner:
             print(f'planner: no confirmation of "{text}" on /diffseg/queries')
             return {q: [] for q in queries}
         print(f'planner: confirmed by the node: {json.dumps(self.confirmed["queries"])}')
+        if frames == 0:
+            return True
         self.answers.clear()
         scores = {q: [] for q in queries}
         deadline = time.monotonic() + timeout
@@ -151,31 +186,87 @@ class Planner:
                 print(f'  frame {stamp[0]}.{stamp[1] // 1_000_000:03d}: ' + ', '.join(line))
         return scores
 
+    def learn(self, request, timeout):
+        """Ask the node to learn a concept from the camera; wait for done or failed."""
+        from std_msgs.msg import String
+        print(f'\nplanner: teaching the node "{request}" from the camera (~/learn)')
+        self.learn_pub.publish(String(data=request))
+        last = None
+
+        def finished():
+            nonlocal last
+            status = self.learn_status or {}
+            if status.get('request') == request and (status.get('state'), status.get('message')) != last:
+                last = (status.get('state'), status.get('message'))
+                print(f"  learn: {status.get('state')} {status.get('progress', 0):.0%} "
+                      f"{status.get('message', '')}")
+            return status.get('request') == request and status.get('state') in ('done', 'failed')
+        self.spin_for(timeout, finished)
+        return (self.learn_status or {}).get('state') == 'done'
+
+    def ask_personal(self, query, truth_phrase, frames, timeout):
+        """Ask for a personal concept; judge each answer's instance against the object `truth_phrase`."""
+        if self.ask([query], 0, timeout) is not True:
+            return []
+        self.assignments.clear()
+        verdicts, deadline = [], time.monotonic() + timeout
+        while len(verdicts) < frames and time.monotonic() < deadline:
+            self.spin_for(0.2)
+            for answer in list(self.assignments):
+                stamp = (answer['header']['stamp']['sec'], answer['header']['stamp']['nanosec'])
+                truth, instances = self.truth.get(stamp, {}), self.instances.get(stamp)
+                if 'instances' not in truth or 'objects' not in truth or instances is None:
+                    continue
+                self.assignments.remove(answer)
+                verdicts.append(self._verdict(answer['queries'][0], instances, truth, truth_phrase))
+        return verdicts
+
+    @staticmethod
+    def _verdict(result, instances, truth, truth_phrase):
+        """Right when the assigned instance overlaps the named object more than any other object."""
+        wanted = [o['instance_id'] for o in truth['objects'] if o['phrase'] == truth_phrase]
+        if result['instance_id'] is None or not wanted:
+            print(f'  answer: no instance assigned (score {result["score"]})')
+            return False
+        mask = instances == result['instance_id']
+        overlaps = {o['phrase']: int((mask & (truth['instances'] == o['instance_id'])).sum())
+                    for o in truth['objects']}
+        best = max(overlaps, key=overlaps.get)
+        right = overlaps[best] > 0 and best == truth_phrase
+        value = iou(mask, truth['instances'] == wanted[0])
+        print(f'  answer: instance {result["instance_id"]} (score {result["score"]:.2f}) covers mostly the '
+              f'{best if overlaps[best] else "background"}: {"right" if right else "WRONG"} instance, '
+              f'IoU with the {truth_phrase} {value:.2f}')
+        return right
+
     @staticmethod
     def _scored(scores):
         return [s for values in scores.values() for s in values]
 
 
-def iou(mask, truth):
-    union = np.logical_or(mask, truth).sum()
-    return float(np.logical_and(mask, truth).sum() / union) if union else 0.0
-
-
-def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout=60.0):
+def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout=60.0, model='',
+             ldmseg_model=''):
     os.makedirs(out_dir, exist_ok=True)
     os.environ.update(demo_environment())
     scene = find_scene(seed, 256, 192)
     others = [o.phrase for o in scene.objects if o.phrase != FIRST_QUERY]
     print(f'scene seed {scene.seed}: {scene.caption}')
+    concepts_dir = os.path.join(out_dir, 'concepts')
+    shutil.rmtree(concepts_dir, ignore_errors=True)
+    os.makedirs(concepts_dir)
     camera = start('diffseg_ros.ros.synth_camera', '-p', f'seed:={scene.seed}', '-p', 'scenes:=1',
                    '-p', 'width:=256', '-p', 'height:=192', '-p', 'rate:=4.0', '-p', 'frames_per_scene:=60',
                    log_dir=out_dir)
     node = start('diffseg_ros.node', '--params-file', os.path.join(REPO_CONFIG, 'diffseg.yaml'),
-                 '-p', f'method:={method}', '-r', 'image:=camera/image', log_dir=out_dir)
+                 '-p', f'method:={method}', *model_override(model),
+                 '-p', f'concepts_dir:={os.path.abspath(concepts_dir)}',
+                 *[arg for p in LEARN_PARAMETERS for arg in ('-p', p)],
+                 *CAMERA_REMAPS,
+                 log_dir=out_dir)
     import rclpy
     rclpy.init()
     planner = Planner(out_dir)
-    results = {}
+    results, personal, labels = {}, [], None
     try:
         print('waiting for the camera and the segmentation node ...')
         if not planner.spin_for(timeout, lambda: planner.node.count_publishers('diffseg/queries') > 0):
@@ -183,21 +274,54 @@ def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout
         for number, queries in enumerate([[FIRST_QUERY], [FIRST_QUERY] + others[:1]], start=1):
             for query, values in planner.ask(queries, frames, timeout).items():
                 results[f'{query} (request {number})'] = values
+        if planner.learn(LEARN_REQUEST, 2 * timeout):
+            personal = planner.ask_personal(PERSONAL_QUERY, FIRST_QUERY, frames, timeout)
+        stop(node)
+        labels = run_label_completion(planner, out_dir, frames, timeout, ldmseg_model)
     finally:
         planner.node.destroy_node()
         rclpy.try_shutdown()
         for process in (node, camera):
             stop(process)
+    return summarise(results, personal, labels, method, planner.saved, out_dir)
+
+
+def run_label_completion(planner, out_dir, frames, timeout, model=''):
+    """Start the ldmseg node on the camera; seed it with sparse map labels; score `frames` answers."""
+    from .demo_ldmseg import LabelPlanner
+    print('\nplanner: completing sparse map labels into instances with LDMSeg (ldmseg node)')
+    ldmseg = start('diffseg_ros.ros.ldmseg_node', '--params-file', os.path.join(REPO_CONFIG, 'ldmseg.yaml'),
+                   *CAMERA_REMAPS,
+                   *model_override(model), '-r', 'points:=map/points', log_dir=out_dir)
+    try:
+        labels = LabelPlanner(planner.node, planner.decode)
+        planner.spin_for(2 * timeout, lambda: len(labels.scores) >= frames)
+        return labels.scores
+    finally:
+        stop(ldmseg)
+
+
+def summarise(results, personal, labels, method, saved, out_dir):
+    """Print the summary; return 0 when every stage produced answers."""
     print('\nsummary (IoU against SynthWorld truth, embedded model, method %s):' % method)
     for query, values in results.items():
         mean = f'{np.mean(values):.2f}' if values else 'n/a'
         print(f'  {query:32s} mean IoU {mean} over {len(values)} frames')
-    print(f'overlays: {planner.saved} images in {out_dir}/')
-    return 0 if all(results.values()) else 1
+    print(f'  {PERSONAL_QUERY!r} learned from the camera: right instance in {sum(personal)} of '
+          f'{len(personal)} answers')
+    if labels:
+        print(f'  LDMSeg label completion: object PQ {np.mean([r["pq"] for r in labels]):.2f}, same-id IoU '
+              f'{np.mean([r["mean_iou"] for r in labels]):.2f}, id consistency '
+              f'{np.mean([r["id_consistency"] for r in labels]):.2f} over {len(labels)} frames')
+    else:
+        print(f'  LDMSeg label completion: no answers (see {out_dir}/ldmseg_node.log)')
+    print(f'overlays: {saved} images in {out_dir}/')
+    return 0 if all(results.values()) and personal and labels else 1
 
 
 def main(args):
-    return run_demo(args.out, args.seed, args.frames, args.method, args.timeout)
+    return run_demo(args.out, args.seed, args.frames, args.method, args.timeout, args.model,
+                    args.ldmseg_model)
 
 
 def add_parser(subparsers):
@@ -207,4 +331,6 @@ def add_parser(subparsers):
     p.add_argument('--frames', type=int, default=6, help='answers scored per query set')
     p.add_argument('--method', default='t2m', choices=['t2m', 'stableseg', 'cross'])
     p.add_argument('--timeout', type=float, default=60.0, help='seconds allowed per step')
+    p.add_argument('--model', default='', help="SD diffusers folder for the diffseg node ('' = embedded)")
+    p.add_argument('--ldmseg-model', default='', help="LDMSeg folder for the ldmseg node ('' = embedded)")
     p.set_defaults(func=main)
