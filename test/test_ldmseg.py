@@ -308,3 +308,19 @@ def test_unet_from_sd_copies_weights_and_zero_inits_extra_inputs(tiny_model_dir)
     assert torch.count_nonzero(unet.conv_in.weight[:, 4:]) == 0
     torch.testing.assert_close(unet.down_blocks[0].resnets[0].conv1.weight,
                                sd_unet.down_blocks[0].resnets[0].conv1.weight)
+
+
+def test_segments_adopt_the_id_most_of_their_known_pixels_carry():
+    from diffseg_ros.ldmseg.pipeline import adopt_known_ids
+    ids = np.zeros((6, 6), np.int32)
+    ids[:, :3], ids[:, 3:] = 5, 9                  # two completed segments with fresh ids
+    known = np.zeros((6, 6), np.int32)
+    known[0, 0], known[2, 1], known[4, 0] = 1, 1, 2   # left segment: 2 of 3 known pixels say 1
+    known[1, 4], known[3, 5] = 2, 3                 # right segment: a tie between 2 and 3 (half each)
+    dense = np.zeros((6, 6), bool)
+    out = adopt_known_ids(ids, known, dense)
+    assert (out[:, :3] == 1).all()                  # majority wins; the lone 2 does not splinter it
+    assert set(np.unique(out[:, 3:])) == {2}        # half is enough; the first (smallest) label of a tie
+    dense[4, 0] = True
+    assert adopt_known_ids(ids, known, dense)[4, 0] == 2   # dense known pixels keep their label
+    assert (adopt_known_ids(ids, np.zeros_like(known), dense) == ids).all()

@@ -177,7 +177,9 @@ class LDMSeg:
 
         sparse_labels: (H, W) integer labels, 0 = unknown (any ids; up to 127 distinct are used);
         known_mask: optional bool (H, W) restricting which labelled pixels count as known;
-        keep_known: known pixels keep their given label in the output. Batches: leading B on all arrays.
+        keep_known: each completed segment takes the id most of its known pixels carry, and known pixels
+        inside known latent cells keep their label (isolated known pixels only vote, so they cannot
+        splinter a segment). Batches: leading B on all arrays.
         Returns int64 ids; 0 = void; segments not in the input get ids above the largest input label.
         Inputs of another size are resized to the working size (nearest for labels, so single scattered
         labelled pixels can be lost when downscaling: project sparse clouds at the working size).
@@ -201,9 +203,28 @@ class LDMSeg:
         ids = self.decode_latents(latents).numpy()
         ids = np.stack([_resize(i.astype(np.int32), (width, height), nearest=True) for i in ids])
         if keep_known:
-            ids = np.where(compact > 0, compact, ids)
+            dense = np.stack([_resize(c, (width, height), nearest=True) for c in
+                              np.kron(cells[:, 0].cpu().numpy(), np.ones((self.factor,) * 2)).astype(np.uint8)])
+            ids = np.stack([adopt_known_ids(i, c, d > 0) for i, c, d in zip(ids, compact, dense)])
         out = np.stack([restore_labels(i, table) for i, (_, table) in zip(ids, remapped)])
         return out[0] if single else out
+
+
+def adopt_known_ids(ids, known, dense):
+    """Relabel each segment of `ids` to the label most of its known pixels carry; paste `dense` known pixels.
+
+    ids, known: (H, W) compact ids (0 = void / unknown); dense: bool (H, W) where known labels are pasted.
+    A segment changes id only when one known label covers at least half of its known pixels.
+    """
+    out = ids.copy()
+    inside = (known > 0) & (ids > 0)
+    pairs, counts = np.unique(np.stack([ids[inside], known[inside]]), axis=1, return_counts=True)
+    for segment in np.unique(pairs[0]) if pairs.size else []:
+        mine = pairs[0] == segment
+        best = np.argmax(np.where(mine, counts, -1))
+        if counts[best] * 2 >= counts[mine].sum():
+            out[ids == segment] = pairs[1, best]
+    return np.where(dense & (known > 0), known, out)
 
 
 def tiny_random_ldmseg(seed=0, size=32):
