@@ -58,10 +58,10 @@ def node_call(tree, executable):
     return matches[0]
 
 
-def yaml_parameters():
-    """Dotted parameter names -> values of config/diffseg.yaml."""
-    document = yaml.safe_load((REPO / 'config' / 'diffseg.yaml').read_text())
-    assert list(document) == [NODE_NAME]
+def yaml_parameters(file='diffseg.yaml', node_name=NODE_NAME):
+    """Dotted parameter names -> values of a node's config/ YAML file."""
+    document = yaml.safe_load((REPO / 'config' / file).read_text())
+    assert list(document) == [node_name]
 
     def flatten(mapping, prefix=''):
         for key, value in mapping.items():
@@ -69,7 +69,7 @@ def yaml_parameters():
                 yield from flatten(value, f'{prefix}{key}.')
             else:
                 yield prefix + key, value
-    return dict(flatten(document[NODE_NAME]['ros__parameters']))
+    return dict(flatten(document[node_name]['ros__parameters']))
 
 
 def test_diffseg_launch_runs_the_node_with_yaml_and_remappable_topics():

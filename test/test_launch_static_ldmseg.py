@@ -1,28 +1,19 @@
 """The ldmseg launch and parameter files, checked statically like test_launch_static (no launch here)."""
 import pytest
 from rclpy.parameter import Parameter
-import yaml
 
 from diffseg_ros.ros.ldmseg_node import NODE_NAME, TOPICS
 from diffseg_ros.ros.ldmseg_parameters import SPECS
 from test_launch_static import console_scripts, constant, keyword, launch_arguments, node_call, parse, \
-    PYTHON_TYPES, REPO, strings
+    PYTHON_TYPES, strings
+from test_launch_static import yaml_parameters as shared_yaml_parameters
 
 TYPES = {**PYTHON_TYPES, Parameter.Type.DOUBLE_ARRAY: list}
 
 
 def yaml_parameters():
     """Dotted parameter names -> values of config/ldmseg.yaml."""
-    document = yaml.safe_load((REPO / 'config' / 'ldmseg.yaml').read_text())
-    assert list(document) == [NODE_NAME]
-
-    def flatten(mapping, prefix=''):
-        for key, value in mapping.items():
-            if isinstance(value, dict):
-                yield from flatten(value, f'{prefix}{key}.')
-            else:
-                yield prefix + key, value
-    return dict(flatten(document[NODE_NAME]['ros__parameters']))
+    return shared_yaml_parameters('ldmseg.yaml', NODE_NAME)
 
 
 def test_launch_runs_the_node_with_yaml_and_remappable_inputs():

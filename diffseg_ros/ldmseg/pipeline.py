@@ -203,8 +203,8 @@ class LDMSeg:
         ids = self.decode_latents(latents).numpy()
         ids = np.stack([_resize(i.astype(np.int32), (width, height), nearest=True) for i in ids])
         if keep_known:
-            dense = np.stack([_resize(c, (width, height), nearest=True) for c in
-                              np.kron(cells[:, 0].cpu().numpy(), np.ones((self.factor,) * 2)).astype(np.uint8)])
+            cell_pixels = np.kron(cells[:, 0].cpu().numpy(), np.ones((self.factor,) * 2)).astype(np.uint8)
+            dense = np.stack([_resize(c, (width, height), nearest=True) for c in cell_pixels])
             ids = np.stack([adopt_known_ids(i, c, d > 0) for i, c, d in zip(ids, compact, dense)])
         out = np.stack([restore_labels(i, table) for i, (_, table) in zip(ids, remapped)])
         return out[0] if single else out
