@@ -177,9 +177,8 @@ class LDMSeg:
 
         sparse_labels: (H, W) integer labels, 0 = unknown (any ids; up to 127 distinct are used);
         known_mask: optional bool (H, W) restricting which labelled pixels count as known;
-        keep_known: each completed segment takes the id most of its known pixels carry, and known pixels
-        inside known latent cells keep their label (isolated known pixels only vote, so they cannot
-        splinter a segment). Batches: leading B on all arrays.
+        keep_known: each completed segment takes the id most of its known pixels carry, then every known
+        pixel keeps its given label. Batches: leading B on all arrays.
         Returns int64 ids; 0 = void; segments not in the input get ids above the largest input label.
         Inputs of another size are resized to the working size (nearest for labels, so single scattered
         labelled pixels can be lost when downscaling: project sparse clouds at the working size).
@@ -203,18 +202,17 @@ class LDMSeg:
         ids = self.decode_latents(latents).numpy()
         ids = np.stack([_resize(i.astype(np.int32), (width, height), nearest=True) for i in ids])
         if keep_known:
-            cell_pixels = np.kron(cells[:, 0].cpu().numpy(), np.ones((self.factor,) * 2)).astype(np.uint8)
-            dense = np.stack([_resize(c, (width, height), nearest=True) for c in cell_pixels])
-            ids = np.stack([adopt_known_ids(i, c, d > 0) for i, c, d in zip(ids, compact, dense)])
+            ids = np.stack([adopt_known_ids(i, c) for i, c in zip(ids, compact)])
         out = np.stack([restore_labels(i, table) for i, (_, table) in zip(ids, remapped)])
         return out[0] if single else out
 
 
-def adopt_known_ids(ids, known, dense):
-    """Relabel each segment of `ids` to the label most of its known pixels carry; paste `dense` known pixels.
+def adopt_known_ids(ids, known):
+    """Relabel each segment of `ids` to the label most of its known pixels carry; known pixels keep theirs.
 
-    ids, known: (H, W) compact ids (0 = void / unknown); dense: bool (H, W) where known labels are pasted.
-    A segment changes id only when one known label covers at least half of its known pixels.
+    ids, known: (H, W) compact ids (0 = void / unknown). A segment changes id only when one known label
+    covers at least half of its known pixels. Voting first means scattered known pixels extend the segment
+    they fall in instead of standing apart from it as splinters of another id.
     """
     out = ids.copy()
     inside = (known > 0) & (ids > 0)
@@ -224,7 +222,7 @@ def adopt_known_ids(ids, known, dense):
         best = np.argmax(np.where(mine, counts, -1))
         if counts[best] * 2 >= counts[mine].sum():
             out[ids == segment] = pairs[1, best]
-    return np.where(dense & (known > 0), known, out)
+    return np.where(known > 0, known, out)
 
 
 def tiny_random_ldmseg(seed=0, size=32):

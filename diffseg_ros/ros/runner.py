@@ -3,6 +3,10 @@ import sys
 
 import rclpy
 from rclpy.executors import ExternalShutdownException
+from rclpy.impl.implementation_singleton import rclpy_implementation
+
+# rcl errors about the context raced by SIGINT (a publish or wait set between shutdown and spin's exit)
+RCLError = rclpy_implementation.RCLError
 
 EXIT_BAD_ARGUMENTS = 2
 
@@ -33,6 +37,9 @@ def run_node(make_node, name, args, failures=(), make_executor=None):
         rclpy.spin(node, executor=make_executor() if make_executor else None)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except RCLError:
+        if rclpy.ok():   # a real rcl failure, not the shutdown race
+            raise
     finally:
         if hasattr(node, 'close'):
             node.close()
