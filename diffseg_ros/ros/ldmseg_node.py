@@ -31,10 +31,10 @@ from ..core.sd_models import ModelLoadError
 from ..ldmseg import LDMSeg, project_labels
 from .diagnostics import diagnostic_array, NodeStats, RepeatFilter, timing_values
 from .image_codec import numpy_to_image_msg, to_depth_metres, to_rgb
-from .ldmseg_parameters import cloud_transform, declare_ldmseg_parameters, RUNTIME, validate
+from .ldmseg_parameters import cloud_transform, RUNTIME, SPECS, validate
 from .mailbox import Mailbox
 from .pairing import stamp_seconds, StampPairer
-from .parameters import ParameterError
+from .parameters import declare_parameters, ParameterError
 from .pointcloud import labelled_cloud_msg, read_labelled_cloud
 from .runner import EXIT_BAD_ARGUMENTS, run_node
 
@@ -111,7 +111,7 @@ class LDMSegNode(Node):
 
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
-        self.params = declare_ldmseg_parameters(self)
+        self.params = declare_parameters(self, SPECS, validate)
         self.cloud_to_camera = cloud_transform(self.params)
         p = self.params
         self.get_logger().info(f"loading LDMSeg '{p['model_path'] or 'embedded'}' "

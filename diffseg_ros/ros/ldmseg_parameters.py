@@ -5,8 +5,6 @@ The model-shaping parameters are read-only; steps, seed and the time limits can 
 transform enters the node.
 """
 import numpy as np
-from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.parameter import Parameter
 
 from ..core.sd_models import DTYPES
@@ -54,20 +52,6 @@ SPECS = (
          constraints='0.05..3600'),
 )
 RUNTIME = tuple(spec.name for spec in SPECS if not spec.read_only)
-
-
-def declare_ldmseg_parameters(node):
-    """Declare every parameter (typed, described); return {name: value} or raise ParameterError."""
-    values = {}
-    for spec in SPECS:
-        descriptor = ParameterDescriptor(description=spec.description, read_only=spec.read_only,
-                                         additional_constraints=spec.constraints)
-        try:
-            values[spec.name] = node.declare_parameter(spec.name, spec.default, descriptor).value
-        except (InvalidParameterTypeException, InvalidParameterValueException) as err:
-            raise ParameterError(f'{spec.name}: {str(err).splitlines()[0]}') from None
-    validate(values)
-    return values
 
 
 def cloud_transform(values):

@@ -121,10 +121,13 @@ class ParameterError(ValueError):
     """A parameter value the node cannot start (or continue) with."""
 
 
-def declare_parameters(node):
-    """Declare every parameter (typed, described); return {name: value} or raise ParameterError."""
+def declare_parameters(node, specs=None, validate=None):
+    """Declare every parameter (typed, described); return {name: value} or raise ParameterError.
+
+    specs / validate default to this node's SPECS and validate_node_values; other nodes pass their own.
+    """
     values = {}
-    for spec in SPECS:
+    for spec in SPECS if specs is None else specs:
         descriptor = ParameterDescriptor(description=spec.description, read_only=spec.read_only,
                                          additional_constraints=spec.constraints)
         # An empty list cannot be a default: rclpy would type the parameter as a byte array. Such
@@ -135,7 +138,7 @@ def declare_parameters(node):
         except (InvalidParameterTypeException, InvalidParameterValueException) as err:
             raise ParameterError(f'{spec.name}: {_without_suffix(err, spec.name)}') from None
         values[spec.name] = spec.default if param.value is None else param.value
-    validate_node_values(values)
+    (validate or validate_node_values)(values)
     return values
 
 
