@@ -9,7 +9,8 @@ import pytest
 from diffseg_ros.core.geometry import depth_to_points, pixel_rays, points_to_world, project_points
 from diffseg_ros.synthworld import (CATEGORIES, COLOURS, camera_orbit, describe, generate_batch,
                                     generate_scene, parse_caption, render, sample_spec)
-from diffseg_ros.synthworld.captions import VOCABULARY, caption_words
+from diffseg_ros.synthworld.captions import (PATTERN_ADJECTIVES, PATTERN_NOUNS, VOCABULARY,
+                                             caption_words, make_caption)
 from diffseg_ros.synthworld.export import export_scenes, load_coco_panoptic
 from diffseg_ros.synthworld.primitives import intersect
 from diffseg_ros.synthworld.scene import MIN_VISIBLE_FRACTION
@@ -153,6 +154,16 @@ def test_caption_names_exactly_the_visible_objects(scenes):
 def test_caption_mentions_patterns_sometimes(scenes):
     words = set(w for s in scenes for w in caption_words(s.caption))
     assert words & {'striped', 'dotted', 'checkered', 'stripes', 'dots', 'checks'}
+
+
+def test_pattern_probability_names_every_pattern_or_none(scenes):
+    pattern_words = set(PATTERN_ADJECTIVES.values()) | set(PATTERN_NOUNS.values())
+    for scene in scenes:
+        patterned = sum(o.pattern != 'plain' for o in scene.objects)
+        always, never = (make_caption(scene.objects, 'table', 'wood', np.random.default_rng(0), probability)
+                         for probability in (1.0, 0.0))
+        assert sum(w in pattern_words for w in caption_words(always)) == patterned
+        assert not set(caption_words(never)) & pattern_words
 
 
 def test_rerender_and_orbit(scenes):

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from diffseg_ros.core.sd_models import build_sd_components
@@ -50,3 +51,39 @@ def test_few_unet_steps_reduce_denoising_loss_and_resume(tmp_path):
     cfg.unet_steps = 41
     train_unet(cfg, resumed, latents, objects)
     assert json.loads((tmp_path / 'unet' / 'state.json').read_text())['step'] == 41
+
+
+def test_probe_reports_object_and_among_objects_auc_per_layer(tmp_path):
+    from diffseg_ros.core.attention import transformer_blocks
+    from diffseg_ros.training.probe import probe
+    torch.set_num_threads(1)
+    parts = build_sd_components(model_configs(tiny_config(tmp_path)), seed=0)
+    aucs = probe(parts, scenes=2, size=64)
+    layers = [name for name, _ in transformer_blocks(parts.unet)]
+    assert set(aucs) == {'object', 'among_objects'}
+    for values in aucs.values():
+        assert list(values) == layers
+        assert all(0.0 <= v <= 1.0 for v in values.values() if v == v)
+    assert any(v == v for v in aucs['among_objects'].values())      # scenes name several objects
+
+
+def test_start_from_a_folder_resumes_its_model_with_identity_extra_text_layers(tmp_path):
+    from dataclasses import replace
+    from diffseg_ros.core.sd_models import save_sd_components
+    from diffseg_ros.training.train_sd import start_from, text_layers
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path)
+    source = build_sd_components(model_configs(cfg), seed=3)
+    save_sd_components(source, tmp_path / 'model')
+    deeper = build_sd_components(model_configs(replace(cfg, text_layers=2)), seed=4)
+    start_from(deeper, str(tmp_path / 'model'))
+    ids = source.tokenizer(['a red mug and a blue striped bottle.'], padding='max_length', max_length=77,
+                           return_tensors='pt').input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(deeper.text_encoder(ids)[0], source.text_encoder(ids)[0])
+        assert torch.count_nonzero(text_layers(deeper.text_encoder)[1].mlp.fc1.weight) > 0
+        for name, tensor in source.unet.state_dict().items():
+            assert torch.equal(deeper.unet.state_dict()[name], tensor)
+    wider = build_sd_components(model_configs(replace(cfg, text_hidden=64)), seed=4)
+    with pytest.raises((ValueError, RuntimeError)):
+        start_from(wider, str(tmp_path / 'model'))

@@ -48,15 +48,16 @@ def join_items(items, rng):
     return ', '.join(items[:-1]) + f'{serial} and {items[-1]}'
 
 
-def make_caption(objects, setting, surface_kind, rng):
+def make_caption(objects, setting, surface_kind, rng, pattern_probability=0.5):
     """Caption naming every object (in random order) with one of several phrasings.
 
-    `setting` is 'table' or 'floor'; `surface_kind` the support texture ('wood', 'tiles', ...).
+    `setting` is 'table' or 'floor'; `surface_kind` the support texture ('wood', 'tiles', ...);
+    a patterned object's pattern is named with `pattern_probability`.
     """
     if not objects:
         return f'a photo of the {setting}.'
     order = rng.permutation(len(objects))
-    items = join_items([noun_phrase(objects[i], rng) for i in order], rng)
+    items = join_items([noun_phrase(objects[i], rng, pattern_probability) for i in order], rng)
     templates = TABLE_TEMPLATES if setting == 'table' else FLOOR_TEMPLATES
     template = templates[rng.integers(len(templates))]
     return template.format(items=items, surface=SURFACE_WORDS.get(surface_kind, 'wooden'))

@@ -6,6 +6,9 @@ Stages, each resumable from its checkpoint in the run folder:
   3. unet:  CLIPTextModel + UNet2DConditionModel trained jointly on the latents, epsilon prediction,
             SD's noise schedule, captions re-phrased at every use, caption dropout for text dependence
   4. export: fp16 diffusers folder + diffseg_defaults.json
+With --init-from an SD folder (e.g. the embedded model), stage 2 is skipped and stage 3 starts from that
+folder's VAE, text encoder and UNet; text layers the folder lacks start as the identity (zero output
+projections), so the run resumes the folder's model exactly and learns the new layers from there.
 """
 from dataclasses import asdict, dataclass
 import json
@@ -22,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextConfig
 
-from ..core.sd_models import build_sd_components, save_sd_components
+from ..core.sd_models import build_sd_components, load_sd_components, save_sd_components
 from ..synthworld import generate_scene
 from ..synthworld.captions import make_caption
 from .checkpoints import load_optimizer, load_stage, lr_factor, save_stage, start_run
@@ -45,6 +48,8 @@ class TrainConfig:
     text_layers: int = 3
     unet_channels: tuple = (32, 64, 128)
     caption_dropout: float = 0.1
+    pattern_probability: float = 0.5  # share of captions naming a patterned object's pattern
+    init_from: str = ''               # SD folder to start from ('' = train from scratch)
     checkpoint_every: int = 500
     probe_every: int = 1000          # per-layer localisation AUC on held-out scenes (0 = off)
     threads: int = 2
@@ -98,15 +103,17 @@ def render_for_training(seed, size):
                                     for o in scene.objects])
 
 
-def training_caption(scene, rng):
+def training_caption(scene, rng, pattern_probability=0.5):
     """Phrase a scene's caption afresh at every use, some in the engine's composed-prompt style.
 
     The segmenter asks "a photo including red mug, blue bottle, table, and floor."; training on that
     phrasing too (from objects only, never masks) keeps inference prompts in the training distribution.
+    Patterns are the detail noise hides first while colour and place still show, so naming them asks the
+    model to bind each pattern word to its object.
     """
     objs = [SimpleNamespace(**o) for o in scene['objects']]
     if rng.random() < 0.7 or not objs:
-        return make_caption(objs, scene['setting'], scene['surface'], rng)
+        return make_caption(objs, scene['setting'], scene['surface'], rng, pattern_probability)
     phrases = [f'{o.colour} {o.category}' for o in (objs[i] for i in rng.permutation(len(objs)))]
     words = phrases + [scene['setting']] * int(rng.random() < 0.5)
     prefix = ('a photo including', 'a photo of')[int(rng.integers(2))]
@@ -193,8 +200,8 @@ def train_unet(cfg, parts, latents, objects):
         x0 = latents[idx]
         flip = torch.from_numpy(rng.random(cfg.batch) < 0.5)
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        captions = [training_caption(objects[i], rng) if rng.random() >= cfg.caption_dropout else ''
-                    for i in idx]
+        captions = [training_caption(objects[i], rng, cfg.pattern_probability)
+                    if rng.random() >= cfg.caption_dropout else '' for i in idx]
         t = torch.from_numpy(rng.integers(0, parts.scheduler.config.num_train_timesteps, cfg.batch)).long()
         loss = denoising_loss(parts, x0, captions, t, torch.randn_like(x0))
         opt.zero_grad(set_to_none=True)
@@ -206,9 +213,11 @@ def train_unet(cfg, parts, latents, objects):
         bar.set_postfix(loss=f'{ema:.4f}', lr=f'{sched.get_last_lr()[0]:.1e}')
         metrics = dict(loss_ema=ema)
         if cfg.probe_every and (step + 1) % cfg.probe_every == 0:
-            metrics['layer_auc'] = probe(parts, scenes=8, size=cfg.size)
-            aucs = ', '.join(f'{v:.2f}' for v in metrics['layer_auc'].values())
-            tqdm.write(f'step {step + 1} layer AUC: {aucs}')
+            aucs = probe(parts, scenes=8, size=cfg.size)
+            metrics['layer_auc'], metrics['layer_auc_among_objects'] = aucs['object'], aucs['among_objects']
+            for kind, values in aucs.items():
+                listed = ', '.join(f'{v:.2f}' for v in values.values())
+                tqdm.write(f'step {step + 1} layer AUC ({kind}): {listed}')
             unet.train()
             text_encoder.train()
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
@@ -233,22 +242,56 @@ def train(cfg, export_dir=None):
     rng = np.random.default_rng(cfg.seed)
     text_cfg, vae_cfg, unet_cfg = model_configs(cfg)
     images, objects = build_dataset(cfg)
-    vae = train_vae(cfg, vae_cfg, images, rng)
-    latents = encode_latents(cfg, vae, images)
     parts = build_sd_components((text_cfg, vae_cfg, unet_cfg), seed=cfg.seed)
-    parts.vae = vae
+    if cfg.init_from:
+        start_from(parts, cfg.init_from)
+    else:
+        parts.vae = train_vae(cfg, vae_cfg, images, rng)
+    latents = encode_latents(cfg, parts.vae, images)
     train_unet(cfg, parts, latents, objects)
     if export_dir:
         export(parts, export_dir)
     return parts
 
 
+def start_from(parts, path):
+    """Copy an SD folder's VAE, text encoder and UNet weights into `parts` (same architecture).
+
+    Text layers `parts` has beyond the folder's keep their fresh weights with zeroed output projections
+    (attention out_proj, MLP fc2): residual blocks that pass their input through unchanged.
+    """
+    source = load_sd_components(path)
+    parts.vae = source.vae
+    parts.unet.load_state_dict(source.unet.state_dict())
+    missing, unexpected = parts.text_encoder.load_state_dict(source.text_encoder.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f'text encoder of {path} does not fit the configured one: {unexpected[:3]}')
+    layers = text_layers(parts.text_encoder)
+    new_layers = layers[source.text_encoder.config.num_hidden_layers:]
+    if len(missing) != sum(len(layer.state_dict()) for layer in new_layers):
+        raise ValueError(f'text encoder of {path} does not fit the configured one: {missing[:3]}')
+    with torch.no_grad():
+        for layer in new_layers:
+            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+    return parts
+
+
+def text_layers(text_encoder):
+    """Return the transformer layers of a CLIPTextModel (transformers 4 nests them in text_model, 5 not)."""
+    return getattr(text_encoder, 'text_model', text_encoder).encoder.layers
+
+
 def export_checkpoint(cfg, out_dir):
     """Export the latest checkpoints of a (possibly still running) training run without training."""
     text_cfg, vae_cfg, unet_cfg = model_configs(cfg)
     parts = build_sd_components((text_cfg, vae_cfg, unet_cfg), seed=cfg.seed)
-    parts.vae = AutoencoderKL(**vae_cfg)
-    load_stage(os.path.join(cfg.out, 'vae'), parts.vae)
+    if cfg.init_from:
+        parts.vae = load_sd_components(cfg.init_from).vae
+    else:
+        parts.vae = AutoencoderKL(**vae_cfg)
+        load_stage(os.path.join(cfg.out, 'vae'), parts.vae)
     parts.vae.register_to_config(
         scaling_factor=float(load_file(os.path.join(cfg.out, 'latents.safetensors'))['scaling']))
     step = load_stage(os.path.join(cfg.out, 'unet'), parts.unet, parts.text_encoder)
