@@ -48,7 +48,7 @@ class TrainConfig:
     text_layers: int = 3
     unet_channels: tuple = (32, 64, 128)
     caption_dropout: float = 0.1
-    pattern_probability: float = 0.5  # share of captions naming a patterned object's pattern
+    pattern_probability: float = 0.5  # chance a template caption names a patterned object's pattern
     init_from: str = ''               # SD folder to start from ('' = train from scratch)
     checkpoint_every: int = 500
     probe_every: int = 1000          # per-layer localisation AUC on held-out scenes (0 = off)
@@ -266,8 +266,7 @@ def start_from(parts, path):
     missing, unexpected = parts.text_encoder.load_state_dict(source.text_encoder.state_dict(), strict=False)
     if unexpected:
         raise ValueError(f'text encoder of {path} does not fit the configured one: {unexpected[:3]}')
-    layers = text_layers(parts.text_encoder)
-    new_layers = layers[source.text_encoder.config.num_hidden_layers:]
+    new_layers = text_layers(parts.text_encoder)[source.text_encoder.config.num_hidden_layers:]
     if len(missing) != sum(len(layer.state_dict()) for layer in new_layers):
         raise ValueError(f'text encoder of {path} does not fit the configured one: {missing[:3]}')
     with torch.no_grad():
