@@ -1,4 +1,5 @@
 """Personal concepts on a seeded tiny SD model: learn, reload, real K/V loading, merge, restore, refusals."""
+from dataclasses import replace
 import json
 import os
 
@@ -103,6 +104,14 @@ def test_learning_never_touches_the_live_model(sd, images, tmp_path):
     after = model_state(sd)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert len(sd.tokenizer) == vocab
+
+
+def test_size_zero_learns_at_the_size_the_model_was_trained_at(sd, images):
+    # not the inference input size of diffseg_defaults.json, which may upscale frames
+    concept = ConceptTrainer(sd).learn(images, 'cup', 'cup', settings=replace(FAST, size=0, class_count=0),
+                                       show_progress=False)
+    native = sd.unet.config.sample_size * sd.vae_scale_factor
+    assert concept.training['size'] == sd.native_image_size == native
 
 
 def test_learning_is_seeded(sd, images, learned):

@@ -117,15 +117,21 @@ def test_segment_is_deterministic_with_seeded_noise(model_dir):
     assert np.array_equal(a.probabilities, b.probabilities)
 
 
-def test_model_defaults_file_sets_layers_and_background_words(model_dir, tmp_path):
+def test_model_defaults_file_sets_size_words_and_per_method_timestep_and_layers(model_dir, tmp_path):
     folder = tmp_path / 'with-defaults'
     shutil.copytree(model_dir, folder)
     (folder / 'diffseg_defaults.json').write_text(json.dumps({
         'image_size': 96, 'background_words': ['table'],
-        'layers': {'t2m': {'cross': [2], 'self': ['up_blocks.2.attentions.0']}}}))
+        'methods': {'t2m': {'timestep': 40, 'cross': [2], 'self': ['up_blocks.2.attentions.0']}}}))
     seg = Segmenter(SegmenterConfig(model_path=str(folder), method='t2m'))
-    assert seg.image_size == 96 and seg.background_words == ('table',)
+    assert seg.image_size == 96 and seg.background_words == ('table',) and seg.timestep == 40
     assert seg.cross_layers == ['mid_block.attentions.0'] and seg.self_layers == ['up_blocks.2.attentions.0']
+    configured = Segmenter(SegmenterConfig(model_path=str(folder), method='t2m', timestep=7,
+                                           cross_layers=(1,)))
+    assert configured.timestep == 7 and configured.cross_layers != seg.cross_layers
+    other = Segmenter(SegmenterConfig(model_path=str(folder), method='stableseg'))   # no entry: papers'
+    papers = Segmenter(SegmenterConfig(model_path=model_dir, method='stableseg'))
+    assert other.timestep == 1 and other.cross_layers == papers.cross_layers
 
 
 @pytest.mark.parametrize('field,value', [('method', 'sam'), ('dtype', 'int8'), ('device', 'tpu'),

@@ -21,11 +21,13 @@ def test_iou_and_summary_by_hand():
 
 def test_eval_cli_writes_json_and_report(tiny_model_dir, tmp_path):
     out, png = tmp_path / 'eval.json', tmp_path / 'eval.png'
-    rc = cli_main(['eval', '--model', tiny_model_dir, '--scenes', '2', '--size', '64', '--sweep-scenes', '1',
-                   '--json', str(out), '--report', str(png)])
+    rc = cli_main(['eval', '--model', tiny_model_dir, '--scenes', '2', '--size', '48', '--image-size', '64',
+                   '--sweep-scenes', '1', '--json', str(out), '--report', str(png)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert set(report['methods']) == {'cross', 'stableseg', 't2m'}
+    assert report['size'] == 48 and {s['image_size'] for s in report['settings'].values()} == {64}
+    assert report['settings']['t2m']['timestep'] == 150 and report['settings']['stableseg']['timestep'] == 1
     for entry in report['methods'].values():
         assert 0.0 <= entry['miou'] <= 1.0 and 0.0 <= entry['single']['miou'] <= 1.0
         assert entry['composed']['queries'] >= 2

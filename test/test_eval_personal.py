@@ -48,7 +48,7 @@ def test_eval_personal_runs_end_to_end(tmp_path):
     report = eval_personal.run_personal_eval(seed=0, mugs=3, scenes=1, views=1, size=64, train_views=(2, 2),
                                              class_count=2, concepts_dir=str(tmp_path / 'concepts'),
                                              settings=settings, report_png=str(png), show_progress=False,
-                                             components=sd)
+                                             components=sd, image_size=64)
     assert set(report['methods']) == set(eval_personal.METHODS)
     for method, splits in report['methods'].items():
         assert set(splits) == {'all', 'semantic', 'visual'}
@@ -64,7 +64,7 @@ def test_eval_personal_runs_end_to_end(tmp_path):
     again = eval_personal.run_personal_eval(seed=0, mugs=3, scenes=1, views=1, size=64, train_views=(2, 2),
                                             class_count=2, methods=('ours',), settings=settings,
                                             concepts_dir=str(tmp_path / 'concepts'), show_progress=False,
-                                            components=sd)
+                                            components=sd, image_size=64)
     assert {c: v['loss_last'] for c, v in again['concepts'].items()} == learned
     assert again['methods']['ours'] == report['methods']['ours']
 

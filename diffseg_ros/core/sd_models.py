@@ -67,6 +67,11 @@ class SDComponents:
         return self.vae.config.scaling_factor
 
     @property
+    def native_image_size(self):
+        """Image size the model was trained at (what diffusers pipelines generate by default)."""
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
     def pad_multiple(self):
         """Input sizes must be a multiple of this so every UNet level has an integer size."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)

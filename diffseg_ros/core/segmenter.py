@@ -20,7 +20,8 @@ from .methods.common import resize
 from .prompts import DEFAULT_BACKGROUND_WORDS, compose_prompt
 from .sd_models import DTYPES, ModelLoadError, load_sd_components  # noqa: F401  (re-exported)
 
-DEFAULTS_FILE = 'diffseg_defaults.json'   # optional per-model defaults (image size, layers, background words)
+# Optional per-model defaults: image size, background words, and per method its timestep and layers.
+DEFAULTS_FILE = 'diffseg_defaults.json'
 MAX_QUERIES = 16
 MAX_QUERY_CHARS = 200
 SD_T2M_LAYERS = {'cross': [4, 5, 6, 7, 8], 'self': [11]}   # T2M's indices for the 16-block SD 1.x UNet
@@ -102,7 +103,8 @@ class Segmenter:
         self.method = METHODS[config.method]
         self.model_defaults = self._read_model_defaults()
         self.cross_layers, self.self_layers = self._choose_layers()
-        self.timestep = config.timestep if config.timestep >= 0 else self.method.DEFAULT_TIMESTEP
+        self.timestep = (config.timestep if config.timestep >= 0 else
+                         self._method_defaults().get('timestep', self.method.DEFAULT_TIMESTEP))
         self.image_size = config.image_size or self.model_defaults.get('image_size', 512)
         words = config.background_words
         self.background_words = tuple(self.model_defaults.get('background_words', DEFAULT_BACKGROUND_WORDS)
@@ -118,12 +120,16 @@ class Segmenter:
                 return json.load(f)
         return {}
 
+    def _method_defaults(self):
+        """Return this method's entry of the model's defaults file ({} when there is none)."""
+        return self.model_defaults.get('methods', {}).get(self.config.method, {})
+
     def _choose_layers(self):
         """Choose configured layers, else the model's defaults file, else the papers' choices for SD."""
-        name = self.config.method
-        defaults = self.model_defaults.get('layers', {}).get(name) or default_layers(self.sd.unet, name)
-        cross = list(self.config.cross_layers) or defaults['cross']
-        selfs = list(self.config.self_layers) or defaults['self']
+        papers = default_layers(self.sd.unet, self.config.method)
+        model = self._method_defaults()
+        cross = list(self.config.cross_layers) or model.get('cross') or papers['cross']
+        selfs = list(self.config.self_layers) or model.get('self', papers['self'])
         return resolve_layers(self.sd.unet, cross), resolve_layers(self.sd.unet, selfs)
 
     def describe(self):

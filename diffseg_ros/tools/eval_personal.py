@@ -119,19 +119,21 @@ def summarise_rows(rows, methods):
 
 def run_personal_eval(model_path='', seed=0, mugs=8, scenes=12, views=1, size=128, train_views=(5, 10),
                       class_count=16, methods=METHODS, concepts_dir=None, settings=None, max_segments=6,
-                      dtype='float32', report_png=None, show_progress=True, components=None):
-    """Build SynthMug, learn the concepts, evaluate every method; returns the report dict."""
+                      dtype='float32', report_png=None, show_progress=True, components=None, image_size=0):
+    """Build SynthMug, learn the concepts, evaluate every method; returns the report dict.
+
+    Scenes are rendered at `size`; the model sees them at `image_size` (0 = the model's default) and learns
+    concepts at settings.size (0 = the size it was trained at).
+    """
     settings = settings or LearnSettings()
-    if not settings.size:
-        settings = replace(settings, size=size)      # learn at the resolution the scenes are seen at
     sd = components or load_sd_components(model_path, dtype=dtype)
     bench = make_benchmark(seed, mugs, scenes, views, train_views, size, class_count)
     library = ConceptLibrary(sd)
     with tempfile.TemporaryDirectory() as scratch:
         concepts = learn_pool(library, bench, concepts_dir or scratch, settings, show_progress)
         arithmetic = arithmetic_concepts(library, concepts)
-        seg = Segmenter(SegmenterConfig(model_path=model_path, dtype=dtype, method='t2m', image_size=size),
-                        components=sd)
+        seg = Segmenter(SegmenterConfig(model_path=model_path, dtype=dtype, method='t2m',
+                                        image_size=image_size), components=sd)
         personal = PersonalSegmenter(seg, library, PersonalConfig(max_segments=max_segments))
         rows, merge, examples, installed = [], [], [], {}
         for scene in tqdm(bench.scenes, desc='scenes', disable=not show_progress):
@@ -225,7 +227,8 @@ def main(args):
     settings = LearnSettings(**{f.name: getattr(args, f'learn_{f.name}') for f in fields(LearnSettings)})
     report = run_personal_eval(args.model, args.seed, args.mugs, args.scenes, args.views, args.size,
                                tuple(args.train_views), args.class_count, tuple(args.methods),
-                               args.concepts_dir, settings, args.max_segments, args.dtype, args.report)
+                               args.concepts_dir, settings, args.max_segments, args.dtype, args.report,
+                               image_size=args.image_size)
     for method, splits in report['methods'].items():
         print(f'{method:14s} ' + '  '.join(f"{s}: mIoU {v['miou']:.3f} bf {v['bf_acc']:.3f} "
                                            f"af {v['af_acc']:.3f} ({v['count']})" for s, v in splits.items()))
@@ -246,7 +249,9 @@ def add_parser(subparsers, name='personal'):
     p.add_argument('--mugs', type=int, default=8, help='personal mugs in the pool')
     p.add_argument('--scenes', type=int, default=12)
     p.add_argument('--views', type=int, default=2, help='orbiting views rendered per scene')
-    p.add_argument('--size', type=int, default=128)
+    p.add_argument('--size', type=int, default=128, help='size the scenes are rendered at')
+    p.add_argument('--image-size', type=int, default=0,
+                   help="size the model sees them at (0 = the model's default, diffseg_defaults.json)")
     p.add_argument('--train-views', type=int, nargs=2, default=[5, 10], help='views per mug: min max')
     p.add_argument('--class-count', type=int, default=16, help='regularisation images (other mugs)')
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)

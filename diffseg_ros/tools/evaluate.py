@@ -3,7 +3,9 @@
 A query is the caption phrase of one visible object ("red mug"); its IoU compares the query's mask with
 that object's instance truth. Reported: mIoU over all queries, per-category IoU, the composed-prompt
 setting (all of a scene's objects in one prompt, one forward) and one query at a time, plus sweeps of
-timestep and layer choice on a subset. JSON + a PNG report (examples and bar charts).
+timestep and layer choice on a subset. JSON + a PNG report (examples and bar charts). The model sees the
+scenes at its own default input size (diffseg_defaults.json) unless --image-size says otherwise; the
+truth stays at the rendered size.
 """
 from dataclasses import replace
 import json
@@ -76,13 +78,15 @@ def sweeps(sd, base, scenes):
 
 
 def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=('cross', 'stableseg', 't2m'), size=128,
-             single_scenes=None, sweep_scenes=0, report_png=None, dtype='float32'):
+             single_scenes=None, sweep_scenes=0, report_png=None, dtype='float32', image_size=0):
+    """Scenes are rendered at `size`; the model sees them at `image_size` (0 = the model's default)."""
     sd = load_sd_components(model_path, dtype=dtype)
     scenes = held_out_scenes(seed, count, size)
-    base = SegmenterConfig(model_path=model_path, dtype=dtype, image_size=size)   # scenes at model input size
+    base = SegmenterConfig(model_path=model_path, dtype=dtype, image_size=image_size)
     report = dict(model=sd.path, seed=seed, scenes=count, size=size, methods={})
     for method in methods:
         config = replace(base, method=method)
+        report.setdefault('settings', {})[method] = settings_of(Segmenter(config, components=sd))
         composed, rows = evaluate_method(sd, config, scenes, 'composed', desc=f'{method} composed')
         entry = dict(miou=composed['miou'], composed=composed, composed_rows=rows)
         if single_scenes != 0:
@@ -93,11 +97,17 @@ def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=('cross', 'stable
         report['sweeps'] = sweeps(sd, base, scenes[:sweep_scenes])
     report['best'] = max(report['methods'], key=lambda m: report['methods'][m]['miou'])
     if report_png:
-        write_report_png(report, sd, scenes[:4], report_png)
+        write_report_png(report, sd, base, scenes[:4], report_png)
     return report
 
 
-def write_report_png(report, sd, scenes, path):
+def settings_of(seg):
+    """Return the settings a segmenter resolved (model input size, timestep, layers), for the report."""
+    return dict(image_size=seg.image_size, timestep=seg.timestep, cross_layers=seg.cross_layers,
+                self_layers=seg.self_layers)
+
+
+def write_report_png(report, sd, base, scenes, path):
     """Draw example grids (image / truth / labels per method) and bar charts of mIoU and category IoU."""
     import matplotlib
     matplotlib.use('Agg')
@@ -106,8 +116,7 @@ def write_report_png(report, sd, scenes, path):
     methods = list(report['methods'])
     fig = plt.figure(figsize=(3 * (2 + len(methods)), 3 * (len(scenes) + 2)))
     grid = fig.add_gridspec(len(scenes) + 2, 2 + len(methods))
-    segmenters = {m: Segmenter(SegmenterConfig(method=m, image_size=report['size']), components=sd)
-                  for m in methods}
+    segmenters = {m: Segmenter(replace(base, method=m), components=sd) for m in methods}
     for r, scene in enumerate(scenes):
         phrases = [o.phrase for o in scene.objects]
         truth = np.zeros(scene.instances.shape, np.int32)
@@ -148,7 +157,7 @@ def write_report_png(report, sd, scenes, path):
 def main(args):
     single = 0 if args.no_single else args.single_scenes
     report = run_eval(args.model, args.seed, args.scenes, tuple(args.methods), args.size, single,
-                      args.sweep_scenes, args.report, args.dtype)
+                      args.sweep_scenes, args.report, args.dtype, args.image_size)
     for m, entry in report['methods'].items():
         single = (f"  single {entry['single']['miou']:.3f} ({entry['single']['queries']} queries)"
                   if 'single' in entry else '')
@@ -168,7 +177,9 @@ def add_parser(subparsers):
     p.add_argument('--model', default='', help="diffusers folder ('' = embedded SynthWorld model)")
     p.add_argument('--seed', type=int, default=EVAL_SEED, help='first held-out scene seed')
     p.add_argument('--scenes', type=int, default=100)
-    p.add_argument('--size', type=int, default=128)
+    p.add_argument('--size', type=int, default=128, help='size the scenes are rendered at')
+    p.add_argument('--image-size', type=int, default=0,
+                   help="size the model sees them at (0 = the model's default, diffseg_defaults.json)")
     p.add_argument('--methods', nargs='+', default=['cross', 'stableseg', 't2m'])
     p.add_argument('--no-single', action='store_true', help='skip the one-query-at-a-time setting')
     p.add_argument('--single-scenes', type=int, default=None,

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from ..core.concepts import (Concept, ConceptError, ExtendedEmbedding, base_token_embedding, safe_folder_name,
                              save_concept, set_token_embedding_module,
                              text_attention_modules, token_embedding_module)
-from ..core.segmenter import DEFAULTS_FILE
 
 TEMPLATES = ('photo of a {}', 'a photo of a {}', 'a photo including {}.', 'a photo of the {} on a table.')
 # Rare words the new token starts from, as in Custom Diffusion ('ktn', 'pll', 'ucd'); a different one per
@@ -45,7 +44,7 @@ class LearnSettings:
     lr: float = 1e-4            # cross-attention K/V (Adam)
     lr_token: float = 1e-3      # the new token embedding
     prior_weight: float = 1.0   # weight of the class images' loss (prior preservation)
-    size: int = 0               # training image size; 0 = the model's default image size
+    size: int = 0               # training image size; 0 = the size the model was trained at
     class_count: int = 16       # class images generated with the model when none are given
     sample_steps: int = 20      # DDIM steps for those
     guidance: float = 4.0       # classifier-free guidance for those
@@ -143,12 +142,7 @@ class ConceptTrainer:
         return tokenizer, extra, kv_params
 
     def _image_size(self, size):
-        if not size:
-            defaults = os.path.join(self.sd.path, DEFAULTS_FILE) if self.sd.path else ''
-            size = 512
-            if defaults and os.path.isfile(defaults):
-                with open(defaults, encoding='utf-8') as f:
-                    size = json.load(f).get('image_size', 512)
+        size = size or self.sd.native_image_size
         multiple = self.sd.pad_multiple
         return max(multiple, int(size) // multiple * multiple)
 
