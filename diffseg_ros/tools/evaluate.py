@@ -21,6 +21,16 @@ from ..synthworld import generate_scene
 from . import eval_ldmseg, eval_personal
 
 EVAL_SEED = 1_000_000_000      # held-out scenes start here; training uses seeds below 10^9
+# Each method alone and refined by the dense CRF both papers use (T2M's optional dCRF, part of StableSeg++).
+METHODS = ('cross', 'stableseg', 't2m', 'cross+crf', 'stableseg+crf', 't2m+crf')
+
+
+def method_config(base, name):
+    """Return the config of an evaluated method name: 'stableseg', or 'stableseg+crf' (CRF-refined)."""
+    method, plus, post = name.partition('+')
+    if plus and post != 'crf':
+        raise ValueError(f"unknown refinement {post!r} in {name!r}: the only one is '+crf'")
+    return replace(base, method=method, crf=bool(plus))
 
 
 def iou(mask, truth):
@@ -77,15 +87,15 @@ def sweeps(sd, base, scenes):
     return out
 
 
-def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=('cross', 'stableseg', 't2m'), size=128,
+def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=METHODS, size=128,
              single_scenes=None, sweep_scenes=0, report_png=None, dtype='float32', image_size=0):
-    """Scenes are rendered at `size`; the model sees them at `image_size` (0 = the model's default)."""
+    """Evaluate on scenes rendered at `size`, seen by the model at `image_size` (0 = the model's default)."""
     sd = load_sd_components(model_path, dtype=dtype)
     scenes = held_out_scenes(seed, count, size)
     base = SegmenterConfig(model_path=model_path, dtype=dtype, image_size=image_size)
     report = dict(model=sd.path, seed=seed, scenes=count, size=size, methods={})
     for method in methods:
-        config = replace(base, method=method)
+        config = method_config(base, method)
         report.setdefault('settings', {})[method] = settings_of(Segmenter(config, components=sd))
         composed, rows = evaluate_method(sd, config, scenes, 'composed', desc=f'{method} composed')
         entry = dict(miou=composed['miou'], composed=composed, composed_rows=rows)
@@ -116,7 +126,7 @@ def write_report_png(report, sd, base, scenes, path):
     methods = list(report['methods'])
     fig = plt.figure(figsize=(3 * (2 + len(methods)), 3 * (len(scenes) + 2)))
     grid = fig.add_gridspec(len(scenes) + 2, 2 + len(methods))
-    segmenters = {m: Segmenter(replace(base, method=m), components=sd) for m in methods}
+    segmenters = {m: Segmenter(method_config(base, m), components=sd) for m in methods}
     for r, scene in enumerate(scenes):
         phrases = [o.phrase for o in scene.objects]
         truth = np.zeros(scene.instances.shape, np.int32)
@@ -143,12 +153,13 @@ def write_report_png(report, sd, base, scenes, path):
     ax.legend()
     ax = fig.add_subplot(grid[len(scenes) + 1, :])
     cats = sorted(report['methods'][methods[0]]['composed']['per_category'])
+    width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         vals = [report['methods'][m]['composed']['per_category'].get(c, 0) for c in cats]
-        ax.bar(np.arange(len(cats)) + (i - 1) * 0.27, vals, 0.27, label=m)
+        ax.bar(np.arange(len(cats)) + (i - (len(methods) - 1) / 2) * width, vals, width, label=m)
     ax.set_xticks(np.arange(len(cats)), cats, fontsize=8)
     ax.set_ylabel('IoU per category')
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -180,7 +191,8 @@ def add_parser(subparsers):
     p.add_argument('--size', type=int, default=128, help='size the scenes are rendered at')
     p.add_argument('--image-size', type=int, default=0,
                    help="size the model sees them at (0 = the model's default, diffseg_defaults.json)")
-    p.add_argument('--methods', nargs='+', default=['cross', 'stableseg', 't2m'])
+    p.add_argument('--methods', nargs='+', default=list(METHODS),
+                   help="method names, '+crf' for the dense-CRF refined one (e.g. stableseg+crf)")
     p.add_argument('--no-single', action='store_true', help='skip the one-query-at-a-time setting')
     p.add_argument('--single-scenes', type=int, default=None,
                    help='one-query-at-a-time on the first N scenes only (default: all)')
