@@ -1,4 +1,5 @@
 """In-process checks of the node's personal-concept parts: assignments, depth, markers, learn jobs, engine."""
+from dataclasses import replace
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ from diffseg_ros.core.geometry import intrinsics
 from diffseg_ros.core.instances import QueryResult
 from diffseg_ros.core.learn_job import (crop_segment, LearnJob, LearnRequestError, parse_learn_request,
                                         train_job)
-from diffseg_ros.core.query_engine import QueryEngine, t2m_config
+from diffseg_ros.core.query_engine import QueryEngine, instance_config
 from diffseg_ros.core.segmenter import SegmenterConfig
 from diffseg_ros.ros.depth import DepthCache
 from diffseg_ros.ros.image_codec import numpy_to_image_msg
@@ -327,9 +328,21 @@ def test_engine_learns_from_crops_and_loads_the_result(engine):
     assert [q.concept for q in engine.state.queries] == ['your mug', 'my mug']
 
 
+def test_instance_path_runs_t2m_at_the_size_concepts_are_learned_at(tiny_model_dir):
+    config = SegmenterConfig(model_path=tiny_model_dir, method='cross', timestep=3, cross_layers=(1,))
+    engine = QueryEngine(config)
+    sd = engine.segmenter.sd
+    native = sd.native_image_size
+    assert native != engine.segmenter.image_size        # the tiny model has no defaults file: 512 for plain
+    instance = instance_config(config, sd)
+    assert (instance.method, instance.timestep, instance.cross_layers, instance.image_size) == ('t2m', -1, (),
+                                                                                                native)
+    assert engine.personal.seg.image_size == native
+    assert instance_config(replace(config, image_size=96), sd).image_size == 96    # explicit size wins
+
+
 def test_reload_without_a_folder(tiny_model_dir, tmp_path):
     config = SegmenterConfig(model_path=tiny_model_dir, image_size=64, method='cross')
-    assert t2m_config(config).method == 't2m' and t2m_config(config).timestep == -1
     engine = QueryEngine(config, concepts_dir=str(tmp_path / 'later'))
     try:
         report = engine.reload()
