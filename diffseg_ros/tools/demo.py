@@ -244,7 +244,7 @@ class Planner:
         return [s for values in scores.values() for s in values]
 
 
-def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='stableseg', timeout=60.0, model='',
+def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout=60.0, model='',
              ldmseg_model=''):
     os.makedirs(out_dir, exist_ok=True)
     os.environ.update(demo_environment())
@@ -329,9 +329,9 @@ def add_parser(subparsers):
     p.add_argument('--out', default='out/demo', help='folder for overlays and process logs')
     p.add_argument('--seed', type=int, default=DEMO_SEED, help='first scene seed to search for a red mug')
     p.add_argument('--frames', type=int, default=6, help='answers scored per query set')
-    p.add_argument('--method', default='stableseg', choices=['t2m', 'stableseg', 'cross'],
-                   help="method of the plain queries (stableseg is the embedded model's best; "
-                        "personal queries always use t2m)")
+    p.add_argument('--method', default='t2m', choices=['t2m', 'stableseg', 'cross'],
+                   help="method of the plain queries, the node's default unless given (personal queries "
+                        "always use t2m)")
     p.add_argument('--timeout', type=float, default=60.0, help='seconds allowed per step')
     p.add_argument('--model', default='', help="SD diffusers folder for the diffseg node ('' = embedded)")
     p.add_argument('--ldmseg-model', default='', help="LDMSeg folder for the ldmseg node ('' = embedded)")
