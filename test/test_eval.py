@@ -45,5 +45,6 @@ def test_eval_cli_writes_json_and_report(tiny_model_dir, tmp_path):
         assert 0.0 <= entry['miou'] <= 1.0 and 0.0 <= entry['single']['miou'] <= 1.0
         assert entry['composed']['queries'] >= 2
     assert set(report['sweeps']['timestep']['t2m']) == {'1', '50', '150', '300', '500'}
+    assert len(report['sweeps']['image_size']['stableseg']) == 4
     assert len(report['sweeps']['cross_layer']) == 7
     assert png.stat().st_size > 10_000

@@ -69,8 +69,16 @@ def evaluate_method(sd, config, scenes, mode='composed', desc=''):
 
 
 def sweeps(sd, base, scenes):
-    """Measure mIoU vs timestep (t2m, stableseg) and vs single cross / self layer (cross, t2m)."""
-    out = {'timestep': {}, 'cross_layer': {}, 't2m_self_layer': {}}
+    """Measure mIoU vs model input size and timestep (t2m, stableseg), single cross / self layer (cross, t2m).
+
+    Input sizes are 1, 1.5, 2 and 2.5 times the size the model was trained at (frames are upscaled).
+    """
+    out = {'image_size': {}, 'timestep': {}, 'cross_layer': {}, 't2m_self_layer': {}}
+    for method in ('t2m', 'stableseg'):
+        sizes = [int(sd.native_image_size * f) for f in (1, 1.5, 2, 2.5)]
+        out['image_size'][method] = {
+            s: evaluate_method(sd, replace(base, method=method, image_size=s), scenes,
+                               desc=f'{method} {s} px')[0]['miou'] for s in sizes}
     for method in ('t2m', 'stableseg'):
         out['timestep'][method] = {t: evaluate_method(sd, replace(base, method=method, timestep=t), scenes,
                                                       desc=f'{method} t={t}')[0]['miou']
