@@ -63,7 +63,10 @@ def summarise(rows):
 
 
 def evaluate_method(sd, config, scenes, mode='composed', desc=''):
-    seg = Segmenter(config, components=sd)
+    return evaluate_segmenter(Segmenter(config, components=sd), scenes, mode, desc)
+
+
+def evaluate_segmenter(seg, scenes, mode='composed', desc=''):
     rows = [row for scene in tqdm(scenes, desc=desc, leave=False) for row in score_scene(seg, scene, mode)]
     return summarise(rows), rows
 
@@ -74,8 +77,8 @@ def sweeps(sd, base, scenes):
     Input sizes are 1, 1.5, 2 and 2.5 times the size the model was trained at (frames are upscaled).
     """
     out = {'image_size': {}, 'timestep': {}, 'cross_layer': {}, 't2m_self_layer': {}}
+    sizes = [int(sd.native_image_size * f) for f in (1, 1.5, 2, 2.5)]
     for method in ('t2m', 'stableseg'):
-        sizes = [int(sd.native_image_size * f) for f in (1, 1.5, 2, 2.5)]
         out['image_size'][method] = {
             s: evaluate_method(sd, replace(base, method=method, image_size=s), scenes,
                                desc=f'{method} {s} px')[0]['miou'] for s in sizes}
@@ -103,13 +106,13 @@ def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=METHODS, size=128
     base = SegmenterConfig(model_path=model_path, dtype=dtype, image_size=image_size)
     report = dict(model=sd.path, seed=seed, scenes=count, size=size, methods={})
     for method in methods:
-        config = method_config(base, method)
-        report.setdefault('settings', {})[method] = settings_of(Segmenter(config, components=sd))
-        composed, rows = evaluate_method(sd, config, scenes, 'composed', desc=f'{method} composed')
+        seg = Segmenter(method_config(base, method), components=sd)
+        report.setdefault('settings', {})[method] = settings_of(seg)
+        composed, rows = evaluate_segmenter(seg, scenes, 'composed', desc=f'{method} composed')
         entry = dict(miou=composed['miou'], composed=composed, composed_rows=rows)
         if single_scenes != 0:
-            entry['single'] = evaluate_method(sd, config, scenes[:single_scenes], 'single',
-                                              desc=f'{method} single')[0]
+            entry['single'] = evaluate_segmenter(seg, scenes[:single_scenes], 'single',
+                                                 desc=f'{method} single')[0]
         report['methods'][method] = entry
     if sweep_scenes:
         report['sweeps'] = sweeps(sd, base, scenes[:sweep_scenes])
