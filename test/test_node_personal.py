@@ -154,6 +154,8 @@ def test_refused_concept_files_are_named_and_the_node_serves(diffseg, concepts_d
     for folder, fragment in REFUSED.items():
         assert fragment in refused[folder], refused[folder]
         assert diffseg.process.wait_for_log(rf'WARN.*concept refused: .*{folder}'), folder
+    values = diffseg.wait_diagnostics(lambda v: v['concepts'] == 'my mug')
+    assert values is not None and values['concepts refused'] == str(len(REFUSED))
     assert diffseg.process.running and 'Traceback' not in diffseg.process.log
 
 
@@ -283,6 +285,8 @@ def test_learn_from_the_synth_camera_then_query_the_concept(launcher, tmp_path):
         assert done['state'] == 'done', done
         assert (done['name'], done['class_word'], done['frames']) == ('my mug', 'mug', 3)
         assert done['progress'] == 1.0
+        assert node.wait_diagnostics(lambda v: v['learn'] == "'my mug = mug': done 100%" and
+                                     v['concepts'] == 'my mug') is not None
         assert done['crops'] >= 1 and '"<new1> mug"' in done['message']
         mine = [json.loads(m.data) for m in node.learn_status.messages if json.loads(m.data)['id'] == 1]
         states = [s['state'] for s in mine]

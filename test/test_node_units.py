@@ -124,8 +124,18 @@ def test_diagnostics_keys():
     keys = report(NodeStats())[1]
     for key in ('model', 'device', 'dtype', 'method', 'queries', 'inference latency mean (s)',
                 'result age (s)',
-                'frames received', 'frames processed', 'frames dropped', 'last error'):
+                'frames received', 'frames processed', 'frames dropped', 'last error', 'concepts',
+                'concepts refused', 'learn'):
         assert key in keys
+
+
+def test_diagnostics_show_concepts_and_the_latest_learn_request():
+    stats = NodeStats()
+    stats.set_concepts(['my mug', 'my bottle'], refused=1)
+    stats.set_learn({'request': 'my cup = mug', 'state': 'training', 'progress': 0.456})
+    values = report(stats)[1]
+    assert values['concepts'] == 'my mug; my bottle' and values['concepts refused'] == '1'
+    assert values['learn'] == "'my cup = mug': training 46%"
 
 
 # --- overlay ------------------------------------------------------------------------------------------

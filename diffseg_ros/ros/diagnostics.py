@@ -27,6 +27,9 @@ class NodeStats:
         self.last_frame_failed = False
         self.failed_since_report = False   # so every failure shows in at least one ERROR report
         self.queries = []
+        self.concepts = []         # names of the installed personal concepts
+        self.concepts_refused = 0  # concept folders of concepts_dir that did not load
+        self.learn = ''            # the latest learn request: "'my mug': training 45%"
 
     def count(self, counter, amount=1):
         with self._lock:
@@ -55,6 +58,15 @@ class NodeStats:
     def set_queries(self, queries):
         with self._lock:
             self.queries = list(queries)
+
+    def set_concepts(self, names, refused):
+        with self._lock:
+            self.concepts, self.concepts_refused = list(names), refused
+
+    def set_learn(self, status):
+        """Remember a LearnJob status (dict) as one line."""
+        with self._lock:
+            self.learn = f"{status['request']!r}: {status['state']} {status['progress']:.0%}"
 
     def report(self):
         """Consistent copy of every counter for one diagnostics report; starts a new report period."""
@@ -111,6 +123,9 @@ def build_diagnostics(stats, describe, now):
         'dtype': describe.get('dtype', ''),
         'method': describe.get('method', ''),
         'queries': '; '.join(stats['queries']),
+        'concepts': '; '.join(stats['concepts']),
+        'concepts refused': stats['concepts_refused'],
+        'learn': stats['learn'],
         **timing_values(stats, now),
         'frames received': stats['received'],
         'frames processed': stats['processed'],

@@ -281,6 +281,7 @@ class SegmentationNode(Node):
 
     def _log_reload(self, report):
         self.reload_report = report
+        self.stats.set_concepts([c.name for c in report.loaded], len(report.refused))
         if not self.params['concepts_dir']:
             return
         for folder, why in report.refused.items():
@@ -391,6 +392,7 @@ class SegmentationNode(Node):
     def _publish_learn(self, job):
         """Learn progress and result (transient-local ~/learn_status); callable from any thread."""
         status = job.status()
+        self.stats.set_learn(status)
         self.learn_status_pub.publish(String(data=json.dumps(status)))
         line = f"learn {status['request']!r}: {status['state']}: {status['message']}"
         if status['state'] == 'done':   # one call site per severity: rclpy refuses to mix them
