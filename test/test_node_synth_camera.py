@@ -8,6 +8,7 @@ from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
 from std_msgs.msg import String
 
 from diffseg_ros.ros.image_codec import image_msg_to_numpy
+from diffseg_ros.ros.synth_camera import frame_sequence
 from ros_harness import NodeProcess, TIMEOUT, wait_until
 
 WIDTH, HEIGHT = 64, 48
@@ -112,3 +113,17 @@ def test_bad_parameter_is_one_clear_error(ros_env, tmp_path):
     assert 'invalid parameter: width must be 16..4096, got 5' in process.log
     assert 'Traceback' not in process.log
     process.stop()
+
+
+def test_teaching_view_draws_only_the_named_object():
+    full = next(frame_sequence(5, 1, 4, WIDTH, HEIGHT))
+    phrase = full.objects[0].phrase
+    alone = next(frame_sequence(5, 1, 4, WIDTH, HEIGHT, show_only=phrase))
+    kept = [o.instance_id for o in full.objects if o.phrase == phrase]
+    assert [o.phrase for o in alone.objects] == [phrase] * len(kept)
+    assert set(np.unique(alone.instances)) == {0, *kept}
+    assert np.array_equal(alone.K, full.K) and np.array_equal(alone.pose, full.pose)   # same camera
+    shared = full.instances == kept[0]
+    assert (alone.instances[shared] == kept[0]).all()      # nothing in front of it any more
+    assert phrase in alone.caption and all(o.phrase not in alone.caption for o in full.objects
+                                           if o.phrase != phrase)

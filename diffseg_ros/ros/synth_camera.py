@@ -10,9 +10,11 @@ Per frame, every topic carries the same header (stamp of the frame, frame_id par
   camera/instances    sensor_msgs/Image mono16, ground-truth instance ids (0 = furniture / none)
   camera/scene_info   std_msgs/String JSON: stamp, scene seed, caption, camera pose, visible objects
                       (instance_id, phrase, category, colour, pattern, visible_pixels, bbox)
-Scenes use seeds seed, seed + 1, ...; the camera makes one smooth orbit loop per scene.
+Scenes use seeds seed, seed + 1, ...; the camera makes one smooth orbit loop per scene. With show_only set
+(an object phrase, e.g. 'red mug') the other objects are left out: the view a user gives a robot when
+teaching it one object (`~/learn`).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 import json
 import sys
 
@@ -45,6 +47,8 @@ PARAMETERS = {
     'fov_deg': (55.0, 'horizontal field of view in degrees', lambda v: 10.0 <= v <= 150.0, '10..150'),
     'rate': (5.0, 'frames per second', lambda v: 0.0 < v <= 100.0, '(0, 100]'),
     'loop': (True, 'start the sequence again after the last scene', lambda v: True, ''),
+    'show_only': ('', "phrase of the only object drawn (e.g. 'red mug'): a teaching view; '' = every object",
+                  lambda v: True, ''),
     'frame_id': ('camera_optical_frame', 'frame_id of every header (REP-103 optical frame)', bool,
                  'not empty'),
 }
@@ -64,15 +68,23 @@ class SynthFrame:
     caption: str
 
 
-def frame_sequence(seed, scenes, frames_per_scene, width, height, fov_deg=55.0):
+def only_object(spec, phrase):
+    """Return the scene spec without the objects not called `phrase` (furniture stays)."""
+    kept = [o for o in spec.objects if o.phrase == phrase]
+    ids = {0} | {o.instance_id for o in kept}
+    return replace(spec, objects=kept, primitives=[p for p in spec.primitives if p.instance_id in ids])
+
+
+def frame_sequence(seed, scenes, frames_per_scene, width, height, fov_deg=55.0, show_only=''):
     """Yield SynthFrame for every orbit frame of every scene, in order (ROS-free, for tests too)."""
     for scene_index in range(scenes):
         scene = generate_scene(seed + scene_index, width=width, height=height, fov_deg=fov_deg)
+        spec = only_object(scene.spec, show_only) if show_only else scene.spec
         for frame_index, pose in enumerate(camera_orbit(scene, frames_per_scene)):
-            view = render(scene.spec, pose, scene.K, width, height)
-            objects, instances = visible_objects(scene.spec.objects, view.instances)
+            view = render(spec, pose, scene.K, width, height)
+            objects, instances = visible_objects(spec.objects, view.instances)
             yield SynthFrame(scene_index, frame_index, scene.seed, scene.K, pose, view.rgb, view.depth,
-                             instances, objects, describe(scene.spec, objects))
+                             instances, objects, describe(spec, objects))
 
 
 def scene_info(frame, header):
@@ -96,8 +108,7 @@ class SynthCamera(Node):
         super().__init__(NODE_NAME, **kwargs)
         self.settings = self._declare_parameters()
         s = self.settings
-        self.frames = self._endless_frames() if s['loop'] else frame_sequence(
-            s['seed'], s['scenes'], s['frames_per_scene'], s['width'], s['height'], s['fov_deg'])
+        self.frames = self._endless_frames() if s['loop'] else self._sequence()
         self.pubs = {
             'image': self.create_publisher(Image, 'camera/image', CAMERA_QOS),
             'depth': self.create_publisher(Image, 'camera/depth', CAMERA_QOS),
@@ -125,11 +136,14 @@ class SynthCamera(Node):
             settings[name] = value
         return settings
 
-    def _endless_frames(self):
+    def _sequence(self):
         s = self.settings
+        return frame_sequence(s['seed'], s['scenes'], s['frames_per_scene'], s['width'], s['height'],
+                              s['fov_deg'], s['show_only'])
+
+    def _endless_frames(self):
         while True:
-            yield from frame_sequence(s['seed'], s['scenes'], s['frames_per_scene'], s['width'], s['height'],
-                                      s['fov_deg'])
+            yield from self._sequence()
 
     def _publish_next(self):
         frame = next(self.frames, None)
