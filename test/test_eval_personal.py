@@ -40,10 +40,10 @@ def test_scenes_and_views_show_the_personal_mugs():
         assert 'visual' in kinds[pool[2].key]
 
 
-def test_eval_personal_runs_end_to_end(tmp_path):
+def test_eval_personal_runs_end_to_end(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     sd = build_sd_components(tiny_configs(), seed=0)
-    settings = LearnSettings(steps=2, batch=2, size=32, seed=0)
+    settings = LearnSettings(steps=2, batch=2, size=0, seed=0)      # 0: the model's training size
     png = tmp_path / 'report.png'
     report = eval_personal.run_personal_eval(seed=0, mugs=3, scenes=1, views=1, size=64, train_views=(2, 2),
                                              class_count=2, concepts_dir=str(tmp_path / 'concepts'),
@@ -61,6 +61,7 @@ def test_eval_personal_runs_end_to_end(tmp_path):
     json.dumps(report)
     # Concepts are cached: a second run reuses them instead of learning again.
     learned = {c: v['loss_last'] for c, v in report['concepts'].items()}
+    monkeypatch.setattr(eval_personal.ConceptTrainer, 'learn', lambda *a, **k: pytest.fail('learned again'))
     again = eval_personal.run_personal_eval(seed=0, mugs=3, scenes=1, views=1, size=64, train_views=(2, 2),
                                             class_count=2, methods=('ours',), settings=settings,
                                             concepts_dir=str(tmp_path / 'concepts'), show_progress=False,

@@ -28,7 +28,7 @@ from ..core.query_engine import instance_config
 from ..core.sd_models import load_sd_components
 from ..core.segmenter import Segmenter, SegmenterConfig
 from ..synthworld.synthmug import distractors, make_benchmark
-from ..training.custom_diffusion import ConceptTrainer, LearnSettings
+from ..training.custom_diffusion import ConceptTrainer, LearnSettings, training_size
 
 METHODS = ('ours', 'subject', 'context', 'arithmetic', 'ours_separate')
 SPLITS = ('all', 'semantic', 'visual')
@@ -57,7 +57,7 @@ def learn_pool(library, bench, concepts_dir, settings, show_progress=True):
     trainer, concepts = None, {}
     for mug in tqdm(bench.mugs, desc='concepts', disable=not show_progress):
         views = bench.views[mug.key]
-        wanted = dict(asdict(settings), images=len(views))
+        wanted = dict(asdict(settings), images=len(views), size=training_size(library.sd, settings.size))
         try:
             concept = load_concept(concept_folder(concepts_dir, mug.name), library.fingerprint)
             if all(concept.training.get(k) == v for k, v in wanted.items()):

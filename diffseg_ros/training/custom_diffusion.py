@@ -92,7 +92,7 @@ class ConceptTrainer:
         if len(images) == 0:
             raise ConceptError('no images to learn from')
         token = token or (next_free_token(out_dir, name) if out_dir else '<new1>')
-        size = self._image_size(settings.size)
+        size = training_size(self.sd, settings.size)
         start = time.time()
         generator = torch.Generator().manual_seed(settings.seed)
         rng = np.random.default_rng(settings.seed)
@@ -140,11 +140,6 @@ class ConceptTrainer:
             attn.to_k, attn.to_v = _linear(k, weight.device), _linear(v, weight.device)
             kv_params[name] = (attn.to_k.weight, attn.to_v.weight)
         return tokenizer, extra, kv_params
-
-    def _image_size(self, size):
-        size = size or self.sd.native_image_size
-        multiple = self.sd.pad_multiple
-        return max(multiple, int(size) // multiple * multiple)
 
     @torch.no_grad()
     def _latents(self, images, size):
@@ -216,6 +211,13 @@ class ConceptTrainer:
             if progress is not None:
                 progress(step + 1, steps, losses[-1])
         return losses or [float('nan')]
+
+
+def training_size(sd, size):
+    """Return the image size a concept is trained at (0 = the model's training size), as concept.json records."""
+    size = size or sd.native_image_size
+    multiple = sd.pad_multiple
+    return max(multiple, int(size) // multiple * multiple)
 
 
 def learn_concept(components, images, name, class_word, out_dir, **kwargs):
