@@ -172,9 +172,13 @@ def test_marker_tracker_clears_on_change_and_lives_twice_the_period():
 def test_learn_request_parsing():
     request = parse_learn_request('  My Mug =\tmug ')
     assert (request.name, request.class_word, request.text) == ('My Mug', 'mug', 'My Mug = mug')
+    request = parse_learn_request('my mug, mug of mine ,my cup = mug')
+    assert (request.name, request.aliases, request.class_word) == ('my mug', ('mug of mine', 'my cup'), 'mug')
     for text, message in (('my mug', 'must be'), ('= mug', 'must be'), ('a = b = c', 'must be'),
                           ('mug = mug', 'must differ'), ('../x = mug', 'path separator'),
-                          ('my mug = <new1>', 'may not hold'), ('x' * 300 + ' = mug', 'longer')):
+                          ('my mug = <new1>', 'may not hold'), ('x' * 300 + ' = mug', 'longer'),
+                          ('my mug, = mug', 'must be'), ('my mug, Mug = mug', 'must differ'),
+                          ('my mug, a;b = mug', 'may not hold')):
         with pytest.raises(LearnRequestError, match=message):
             parse_learn_request(text)
 
@@ -305,13 +309,15 @@ def test_engine_refuses_a_new_concept_named_like_another(engine):
         engine.check_new_concept('Mug of Mine')
     engine.check_new_concept('my mug')          # learning it again replaces it
     engine.check_new_concept('your mug')
+    with pytest.raises(ConceptError, match="'mug of mine' already names the concept 'my mug'"):
+        engine.check_new_concept('your mug', aliases=('mug of mine',))
 
 
 def test_engine_learns_from_crops_and_loads_the_result(engine):
     rgb = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     mask = engine.class_mask(rgb, 'mug')
     assert mask.shape == (48, 64) and mask.dtype == bool
-    job = LearnJob(1, parse_learn_request('your mug = mug'), frames=1)
+    job = LearnJob(1, parse_learn_request('your mug, mug of yours = mug'), frames=1)
     job.start_collecting()
     full = np.ones((48, 64), bool)
     job.add_frame(rgb, full)
@@ -326,6 +332,7 @@ def test_engine_learns_from_crops_and_loads_the_result(engine):
     report = engine.reload()
     assert {c.name for c in report.loaded} == {'my mug', 'your mug'}
     assert [q.concept for q in engine.state.queries] == ['your mug', 'my mug']
+    assert engine.library.find('mug of yours').name == 'your mug'       # the alias of the request
 
 
 def test_instance_path_runs_t2m_at_the_size_concepts_are_learned_at(tiny_model_dir):

@@ -1,6 +1,7 @@
 """Learning a concept from the robot's camera: request parsing, crop collection, job state (ROS-free).
 
-A request "my mug = mug" names the concept and its class word. The job crops the class word's segment
+A request "my mug = mug" names the concept and its class word; "my mug, mug of mine = mug" also gives
+the concept aliases (any name a query may use). The job crops the class word's segment
 out of the next N frames, then trains (Custom Diffusion) on the crops; its status is a JSON-ready dict:
 state queued -> collecting -> training -> done, or failed at any point, with an overall progress 0..1.
 """
@@ -33,6 +34,7 @@ class LearnRequest:
     name: str
     class_word: str
     text: str
+    aliases: tuple = ()
 
 
 def _clean(text):
@@ -40,27 +42,32 @@ def _clean(text):
 
 
 def parse_learn_request(text):
-    """Parse 'my mug = mug' (concept name = class word); raise LearnRequestError saying what is wrong."""
+    """Parse 'my mug[, alias ...] = mug' (names = class word); raise LearnRequestError on bad text."""
     cleaned = _clean(text)
     if len(cleaned) > MAX_REQUEST_CHARS:
         raise LearnRequestError(f'learn request longer than {MAX_REQUEST_CHARS} characters')
     parts = [part.strip() for part in cleaned.split('=')]
-    if len(parts) != 2 or not all(parts):
-        raise LearnRequestError(f"learn request {cleaned!r} must be 'name = class word', e.g. 'my mug = mug'")
-    name, class_word = parts
-    if len(name) > MAX_NAME_CHARS or len(class_word) > MAX_CLASS_CHARS:
+    names = [n.strip() for n in parts[0].split(',')] if len(parts) == 2 else []
+    if len(parts) != 2 or not parts[1] or not names or not all(names):
+        raise LearnRequestError(f"learn request {cleaned!r} must be 'name = class word', e.g. 'my mug = mug' "
+                                "(or 'my mug, mug of mine = mug' with aliases)")
+    class_word = parts[1]
+    if len(class_word) > MAX_CLASS_CHARS or any(len(n) > MAX_NAME_CHARS for n in names):
         raise LearnRequestError(f'name (max {MAX_NAME_CHARS} characters) or class word '
                                 f'(max {MAX_CLASS_CHARS}) too long')
-    if normalise_name(name) == normalise_name(class_word):
-        raise LearnRequestError(f'the name {name!r} must differ from its class word, or every plain '
-                                f'{class_word!r} query would mean the concept')
+    for name in names:
+        if normalise_name(name) == normalise_name(class_word):
+            raise LearnRequestError(f'the name {name!r} must differ from its class word, or every plain '
+                                    f'{class_word!r} query would mean the concept')
+        if any(ch in name for ch in '<>;'):
+            raise LearnRequestError(f'name {name!r} may not hold <, > or ;')
     if any(ch in class_word for ch in '<>;'):
         raise LearnRequestError(f'class word {class_word!r} may not hold <, > or ;')
     try:
-        safe_folder_name(name)
+        safe_folder_name(names[0])
     except ConceptError as err:
         raise LearnRequestError(str(err)) from None
-    return LearnRequest(name, class_word, cleaned)
+    return LearnRequest(names[0], class_word, cleaned, tuple(names[1:]))
 
 
 def crop_segment(rgb, mask, margin=0.15, min_pixels=MIN_CROP_PIXELS):
@@ -177,8 +184,8 @@ def train_job(job, trainer, concepts_dir, token, settings, report=None, cancelle
         if report is not None and (step % every == 0 or step == steps):
             report()
     request = job.request
-    concept = trainer.learn(job.crops, request.name, request.class_word, None, token=token, settings=settings,
-                            progress=progress, show_progress=False)
+    concept = trainer.learn(job.crops, request.name, request.class_word, None, aliases=request.aliases,
+                            token=token, settings=settings, progress=progress, show_progress=False)
     save_concept(concept, concepts_dir)
     job.concept = concept
     return concept

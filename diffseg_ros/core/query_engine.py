@@ -114,11 +114,12 @@ class QueryEngine:
         return [{'name': c.name, 'aliases': list(c.aliases), 'class_word': c.class_word, 'token': c.token}
                 for c in self.library.concepts]
 
-    def check_new_concept(self, name):
-        """Raise ConceptError when a new concept's name is already a name or alias of another concept."""
-        other = self.library.find(name)
-        if other is not None and safe_folder_name(other.name) != safe_folder_name(name):
-            raise ConceptError(f'{name!r} already names the concept {other.name!r}')
+    def check_new_concept(self, name, aliases=()):
+        """Raise ConceptError when a new concept's name or alias is already a name or alias of another one."""
+        for text in (name, *aliases):
+            other = self.library.find(text)
+            if other is not None and safe_folder_name(other.name) != safe_folder_name(name):
+                raise ConceptError(f'{text!r} already names the concept {other.name!r}')
 
     def trainer(self):
         """Return a ConceptTrainer on the base model; build it here, between frames, then train elsewhere."""

@@ -291,7 +291,7 @@ class SegmentationNode(Node):
     # --- learning from the camera -------------------------------------------------------------------------
     def _start_learn(self, job):
         try:
-            self.engine.check_new_concept(job.request.name)
+            self.engine.check_new_concept(job.request.name, job.request.aliases)
         except ConceptError as err:
             job.fail(str(err))
         else:

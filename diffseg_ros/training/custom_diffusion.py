@@ -214,7 +214,7 @@ class ConceptTrainer:
 
 
 def training_size(sd, size):
-    """Return the image size a concept is trained at (0 = the model's training size), as concept.json records."""
+    """Return the image size a concept is trained at (0 = the model's training size), as recorded."""
     size = size or sd.native_image_size
     multiple = sd.pad_multiple
     return max(multiple, int(size) // multiple * multiple)
