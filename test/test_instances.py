@@ -12,7 +12,8 @@ from diffseg_ros.core import instances as instances_module
 from diffseg_ros.core.concepts import Concept, ConceptLibrary, text_attention_modules
 from diffseg_ros.core.instances import (InstanceQuery, InstanceResult, PersonalConfig, PersonalSegmenter,
                                         QueryResult, assign, eigengap_count, score_query, segment_means,
-                                        spectral_segments, split_connected, summarise)
+                                        spectral_segments, split_connected, summarise,
+                                        without_class_word)
 from diffseg_ros.core.methods.common import resize
 from diffseg_ros.core.sd_models import build_sd_components, tiny_configs
 from diffseg_ros.core.segmenter import Segmenter, SegmenterConfig
@@ -69,6 +70,14 @@ def test_segment_means():
     np.testing.assert_allclose(segment_means(maps, grid, [1, 2]), [[2.0, 1.0], [1.0, 1.0]])
 
 
+def test_without_class_word_drops_only_the_trailing_class_word():
+    ids = [0, 320, 1125, 736, 49408, 3912, 4328]     # <start> a photo red <new1> plant pot
+    assert without_class_word([3, 4, 5, 6], ids, [3912, 4328]) == [3, 4]
+    assert without_class_word([5, 6], ids, [3912, 4328]) == [5, 6]         # the class word alone stays
+    assert without_class_word([3, 4, 5], ids, [3912, 4328]) == [3, 4, 5]   # not at the end: kept
+    assert without_class_word([3, 4], ids, []) == [3, 4]
+
+
 def test_metrics_follow_t2m():
     instances = np.zeros((4, 6), np.uint16)
     instances[:, :3], instances[:, 3:] = 1, 2
@@ -115,10 +124,11 @@ def test_pipeline_splits_touching_objects_and_assigns_jointly(monkeypatch):
                             valid=(8, 8), out_size=(32, 32))
     maps = {'<new1> mug': np.where(left, 0.6, 0.7), '<new2> mug': np.where(left, 0.5, 0.9)}
 
-    def scores(self, rgb, prompts, fit=False):
+    def scores(self, rgb, prompts, fit=False, class_words=None):
         if prompts == ['mug']:
             channels = [np.where(fg, 0.2, 0.8), np.where(fg, 0.9, 0.0)]     # background, mug
         else:
+            assert class_words == {'<new1> mug': 'mug', '<new2> mug': 'mug'}     # read without 'mug'
             channels = [np.zeros((8, 8))] + [maps[p] * fg for p in prompts]
         kept = SimpleNamespace(queries=list(prompts), warnings=[])
         return kept, frame, torch.tensor(np.stack(channels), dtype=torch.float32)
@@ -176,6 +186,16 @@ def test_pipeline_on_the_tiny_model(tiny):
     mug_ids = result.scores['mug']['instance_ids']
     assert mine.alone_instance_id in mug_ids + [0] and len(result.scores['mug']['matrix']) == 2
     assert set(result.timings) >= {'first_pass', 'clustering', 'second_pass', 'total'}
+
+
+def test_assignment_maps_are_read_without_the_class_word(tiny):
+    sd, library, personal = tiny
+    rgb = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    result = personal.segment(rgb, ['my mug'])
+    _, _, whole = personal._scores(rgb, ['<new1> mug'], fit=True)
+    _, _, distinct = personal._scores(rgb, ['<new1> mug'], fit=True, class_words={'<new1> mug': 'mug'})
+    np.testing.assert_allclose(result.maps['<new1> mug'], distinct[1].numpy(), atol=1e-6)
+    assert not np.allclose(whole[1].numpy(), distinct[1].numpy(), atol=1e-3)
 
 
 def test_separate_mode_restores_the_merged_weights(tiny):

@@ -6,7 +6,8 @@
    the attention grid, the number of clusters chosen by the largest eigengap (bounded), each cluster split
    into its connected pieces so that two look-alike objects apart in the image stay apart.
 3. Scores: a second query holds the concept queries in context ("a photo including red <new1> mug,
-   <new2> mug."); each query's SelfCross map is averaged inside every segment of its class word.
+   <new2> mug."); each query's SelfCross map, read from the tokens that tell its instance apart (the
+   phrase without its class word: "red <new1>"), is averaged inside every segment of its class word.
 4. Assignment: Hungarian (scipy linear_sum_assignment, maximising the scores) of each class word's queries
    to its segments; the best segment of each query alone is reported too (T2M's bf_acc protocol).
 Plain-text queries (no class word) get their T2M mask from the first query, as an instance of their own.
@@ -155,6 +156,18 @@ def assign(scores, min_score=-np.inf):
     return alone, joint
 
 
+def without_class_word(span, input_ids, class_ids):
+    """Drop a phrase's trailing class-word tokens from its span ('red <new1> mug' -> 'red <new1>').
+
+    The class word attends to every object of its kind alike (on a small model to objects of any kind), so
+    it only blurs which instance a query means. A span that is just the class word stays as it is.
+    """
+    n = len(class_ids)
+    if n and len(span) > n and [input_ids[p] for p in span[-n:]] == list(class_ids):
+        return span[:-n]
+    return span
+
+
 def self_attention_matrix(layers, power=1):
     """Head- and sample-mean self-attention probabilities [HW, HW] of captured layers (same size), ^power."""
     if not layers:
@@ -253,7 +266,7 @@ class PersonalSegmenter:
             ids_of[word] = self._add_segments(first, word, grid, instances, segments, warnings)
         timings['clustering'] = time.perf_counter() - start - timings['first_pass']
         assigned = [q for q in queries if q.class_word]
-        maps = self._query_maps(rgb, _unique(q.prompt for q in assigned), warnings) if assigned else {}
+        maps = self._query_maps(rgb, {q.prompt: q.class_word for q in assigned}, warnings) if assigned else {}
         timings['second_pass'] = time.perf_counter() - start - sum(timings.values())
         results = [QueryResult(q.text, q.prompt, q.concept, q.class_word) for q in queries]
         scores = {}
@@ -273,10 +286,11 @@ class PersonalSegmenter:
             self._text_version = version
             self._first_cache = None
 
-    def _scores(self, rgb, prompts, fit=False):
+    def _scores(self, rgb, prompts, fit=False, class_words=None):
         """One UNet forward with these prompts: (kept prompts, frame, T2M scores [K+1, h, w]).
 
         fit: merged concepts also fit their tokens in this exact composed prompt for the forward.
+        class_words: {prompt: class word}; those prompts are read without their class word.
         """
         kept = self.seg.set_queries(prompts)
         if fit and self.library is not None:
@@ -284,8 +298,14 @@ class PersonalSegmenter:
                 frame = self.seg.attend(rgb)
         else:
             frame = self.seg.attend(rgb)
+        spans = frame.spans
+        if class_words:
+            ids, tokenizer = self.seg.prompt['input_ids'], self.seg.sd.tokenizer
+            class_ids = {q: tokenizer(w, add_special_tokens=False).input_ids for q, w in class_words.items()}
+            spans = [without_class_word(span, ids, class_ids[q]) if q in class_ids else span
+                     for q, span in zip(kept.queries, spans)]
         config = self.seg.config
-        scores = self.seg.method.scores(frame.capture, frame.spans, cross_layers=self.seg.cross_layers,
+        scores = self.seg.method.scores(frame.capture, spans, cross_layers=self.seg.cross_layers,
                                         self_layers=self.seg.self_layers, tau=config.tau,
                                         background_threshold=config.background_threshold,
                                         box_threshold=config.box_threshold)
@@ -315,16 +335,19 @@ class PersonalSegmenter:
         cols = (np.arange(size[1]) + 0.5) * padded[1] / size[1] < frame.valid[1]
         return rows[:, None] & cols[None, :]
 
-    def _query_maps(self, rgb, prompts, warnings):
-        """Compute each assignment query's SelfCross map [h, w] in one forward (or one per concept)."""
-        kept, _, scores = self._scores(rgb, prompts, fit=self.config.fit_prompt)
+    def _query_maps(self, rgb, class_words, warnings):
+        """Compute each assignment query's SelfCross map [h, w] in one forward (or one per concept).
+
+        class_words: {prompt: class word} of the assignment queries, in order.
+        """
+        kept, _, scores = self._scores(rgb, list(class_words), self.config.fit_prompt, class_words)
         warnings += kept.warnings
         maps = {q: scores[i + 1].numpy() for i, q in enumerate(kept.queries)}
         if self.config.kv_mode == 'separate' and self.library and len(self.library.concepts) > 1:
-            maps.update(self._separate_maps(rgb, kept.queries))
+            maps.update(self._separate_maps(rgb, kept.queries, class_words))
         return maps
 
-    def _separate_maps(self, rgb, prompts):
+    def _separate_maps(self, rgb, prompts, class_words):
         """Each concept query's map from a forward with only that concept's K/V (all tokens installed)."""
         library, concepts, maps = self.library, list(self.library.concepts), {}
         try:
@@ -333,7 +356,7 @@ class PersonalSegmenter:
                 if not mine:
                     continue
                 library.install(concepts, kv_concepts=[concept])
-                _, _, scores = self._scores(rgb, prompts)
+                _, _, scores = self._scores(rgb, prompts, class_words=class_words)
                 maps.update({prompts[i]: scores[i + 1].numpy() for i in mine})
         finally:
             library.install(concepts)

@@ -174,7 +174,7 @@ class Segmenter:
         if hasattr(self.method, 'merge_query_tokens'):
             embeddings, spans = self.method.merge_query_tokens(embeddings, spans)
         entry = dict(embeddings=embeddings, spans=spans, queries=prompt.queries, truncated=prompt.truncated,
-                     text=prompt.text)
+                     text=prompt.text, input_ids=prompt.input_ids)
         self._text_cache[queries] = entry
         if len(self._text_cache) > 8:
             self._text_cache.popitem(last=False)
