@@ -255,6 +255,25 @@ def test_bad_learn_request_is_reported_failed_and_changes_nothing(diffseg, conce
     assert sorted(os.listdir(concepts_dir)) == before and diffseg.process.running
 
 
+def test_cancel_ends_the_collecting_learn_request(diffseg, concepts_dir):
+    before = sorted(os.listdir(concepts_dir))
+
+    def published(request, state, start):
+        msg = diffseg.learn_status.wait_for(lambda m: (json.loads(m.data)['request'], json.loads(
+            m.data)['state']) == (request, state), start=start)
+        assert msg is not None, f'no {state} status of {request!r}; log:\n{diffseg.process.log}'
+        return json.loads(msg.data)
+    start = diffseg.learn_status.count()
+    diffseg.learn_pub.publish(String(data='your mug = mug'))
+    collecting = published('your mug = mug', 'collecting', start)      # no frame arrives: it keeps waiting
+    diffseg.learn_pub.publish(String(data='Cancel'))
+    assert wait_learn(diffseg, collecting['id'], states=('failed',))['message'] == 'cancelled by request'
+    start = diffseg.learn_status.count()
+    diffseg.learn_pub.publish(String(data='cancel'))
+    assert 'nothing to cancel' in published('cancel', 'failed', start)['message']
+    assert sorted(os.listdir(concepts_dir)) == before and diffseg.process.running
+
+
 def test_node_stops_cleanly(diffseg):
     assert diffseg.process.stop() == 0
     assert 'Traceback' not in diffseg.process.log and '[ERROR]' not in diffseg.process.log, \

@@ -4,6 +4,7 @@ A request "my mug = mug" names the concept and its class word; "my mug, mug of m
 the concept aliases (any name a query may use). The job crops the class word's segment
 out of the next N frames, then trains (Custom Diffusion) on the crops; its status is a JSON-ready dict:
 state queued -> collecting -> training -> done, or failed at any point, with an overall progress 0..1.
+"cancel" ends the active job (failed, 'cancelled by request'); an ended job never changes again.
 """
 from dataclasses import dataclass
 import threading
@@ -19,6 +20,7 @@ MAX_NAME_CHARS = 100
 MAX_CLASS_CHARS = 50
 MIN_CROP_PIXELS = 16
 COLLECT_SHARE = 0.2     # share of the progress bar for collecting; training has the rest
+CANCEL_REQUEST = 'cancel'
 
 
 class LearnRequestError(ValueError):
@@ -39,6 +41,10 @@ class LearnRequest:
 
 def _clean(text):
     return ' '.join(''.join(ch if ch.isprintable() else ' ' for ch in str(text)).split())
+
+
+def is_cancel_request(text):
+    return _clean(text).lower() == CANCEL_REQUEST
 
 
 def parse_learn_request(text):
@@ -104,6 +110,7 @@ class LearnJob:
         self.message = f'waiting to look at the next {frames} frames'
         self.started = None
         self.concept = None               # the learned Concept once trained
+        self.cancelled = False
         self._lock = threading.Lock()
 
     @classmethod
@@ -128,7 +135,18 @@ class LearnJob:
 
     def _set(self, state, progress, message):
         with self._lock:
+            if self.state in ('done', 'failed'):    # ended (e.g. cancelled while the worker was busy)
+                return
             self.state, self.progress, self.message = state, progress, message
+
+    def cancel(self):
+        """End an active job at the planner's request; return False if it had already ended."""
+        with self._lock:
+            if self.state not in self.ACTIVE:
+                return False
+            self.cancelled = True
+            self.state, self.message = 'failed', 'cancelled by request'
+        return True
 
     def start_collecting(self, now=None):
         self.started = time.monotonic() if now is None else now
@@ -186,6 +204,8 @@ def train_job(job, trainer, concepts_dir, token, settings, report=None, cancelle
     request = job.request
     concept = trainer.learn(job.crops, request.name, request.class_word, None, aliases=request.aliases,
                             token=token, settings=settings, progress=progress, show_progress=False)
+    if cancelled():
+        raise LearnCancelled()
     save_concept(concept, concepts_dir)
     job.concept = concept
     return concept

@@ -27,7 +27,8 @@ from visualization_msgs.msg import MarkerArray
 
 from ..core.assignments import build_assignments
 from ..core.concepts import ConceptError
-from ..core.learn_job import LearnCancelled, LearnJob, LearnRequestError, parse_learn_request, train_job
+from ..core.learn_job import (is_cancel_request, LearnCancelled, LearnJob, LearnRequestError,
+                              parse_learn_request, train_job)
 from ..core.query_engine import QueryEngine
 from ..core.segmenter import ModelLoadError
 from .depth import DepthCache
@@ -169,8 +170,11 @@ class SegmentationNode(Node):
         self.mailbox.put('queries', parsed)
 
     def _on_learn(self, msg):
-        """Queue a learn request ('my mug = mug'), or report it failed at once."""
+        """Queue a learn request ("my mug = mug") or refuse it at once; "cancel" ends the active job."""
         job_id = next(self.learn_ids)
+        if is_cancel_request(msg.data):
+            self._cancel_learn(job_id, msg.data)
+            return
         try:
             request = parse_learn_request(msg.data)
             if not self.params['concepts_dir']:
@@ -184,6 +188,14 @@ class SegmentationNode(Node):
         self.learn_job = LearnJob(job_id, request, self.params['learn.frames'])
         self._publish_learn(self.learn_job)
         self.mailbox.put('learn', self.learn_job)
+
+    def _cancel_learn(self, job_id, text):
+        job = self.learn_job
+        if job is None or not job.cancel():
+            self._publish_learn(LearnJob.refused(job_id, text, 'nothing to cancel: no learn request active'))
+            return
+        self.collecting = False
+        self._publish_learn(job)     # a training thread stops at its next step, saving nothing
 
     def _on_reload(self, request, response):
         """Reload concepts_dir in the worker (between frames); the reply says what loaded and what not."""
@@ -290,6 +302,8 @@ class SegmentationNode(Node):
 
     # --- learning from the camera -------------------------------------------------------------------------
     def _start_learn(self, job):
+        if not job.active:       # cancelled while queued
+            return
         try:
             self.engine.check_new_concept(job.request.name, job.request.aliases)
         except ConceptError as err:
@@ -332,7 +346,7 @@ class SegmentationNode(Node):
         try:
             train_job(job, trainer, folder, next_free_token(folder, job.request.name),
                       learn_settings(self.params), report=lambda: self._publish_learn(job),
-                      cancelled=lambda: self.mailbox.closed)
+                      cancelled=lambda: self.mailbox.closed or job.cancelled)
         except LearnCancelled:
             return
         except Exception as err:   # nothing was saved: existing concepts are untouched
