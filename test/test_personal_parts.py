@@ -18,10 +18,10 @@ from diffseg_ros.core.assignments import (build_assignments, centre_point, insta
 from diffseg_ros.core.concepts import Concept, ConceptError, KV_FILE, save_concept
 from diffseg_ros.core.geometry import intrinsics
 from diffseg_ros.core.instances import QueryResult
-from diffseg_ros.core.learn_job import (crop_segment, LearnJob, LearnRequestError, parse_learn_request,
-                                        train_job)
+from diffseg_ros.core.learn_job import (crop_segment, is_cancel_request, LearnCancelled, LearnJob,
+                                        LearnRequestError, parse_learn_request, train_job)
 from diffseg_ros.core.query_engine import QueryEngine, instance_config
-from diffseg_ros.core.segmenter import SegmenterConfig
+from diffseg_ros.core.segmenter import Segmenter, SegmenterConfig
 from diffseg_ros.ros.depth import DepthCache
 from diffseg_ros.ros.image_codec import numpy_to_image_msg
 from diffseg_ros.ros.markers import marker_array, MarkerTracker
@@ -241,6 +241,27 @@ def test_failed_training_saves_nothing(tmp_path):
     assert os.listdir(tmp_path) == [] and job.concept is None
 
 
+def test_cancel_ends_an_active_job_for_good_and_training_saves_nothing(tmp_path):
+    assert is_cancel_request(' Cancel ') and not is_cancel_request('cancel = mug')
+    job = LearnJob(1, parse_learn_request('my mug = mug'), frames=2)
+    job.start_collecting(now=0.0)
+    assert job.cancel() and not job.active and not job.cancel()
+    job.add_frame(np.zeros((20, 20, 3), np.uint8), np.ones((20, 20), bool))    # a frame already in the worker
+    assert (job.state, job.message) == ('failed', 'cancelled by request')
+
+    class Trainer:      # the planner cancels while the last step runs
+        def learn(self, *args, progress=None, **kwargs):
+            progress(1, 1, 0.5)
+            job.cancel()
+            return object()
+    job = LearnJob(2, parse_learn_request('my mug = mug'), frames=1)
+    job.start_collecting(now=0.0)
+    job.add_frame(np.zeros((20, 20, 3), np.uint8), np.ones((20, 20), bool))
+    with pytest.raises(LearnCancelled):
+        train_job(job, Trainer(), str(tmp_path), '<new1>', FAST, cancelled=lambda: job.cancelled)
+    assert os.listdir(tmp_path) == [] and job.state == 'failed'
+
+
 # --- the engine on the tiny model ---------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def engine(tiny_model_dir, tmp_path_factory):
@@ -335,17 +356,23 @@ def test_engine_learns_from_crops_and_loads_the_result(engine):
     assert engine.library.find('mug of yours').name == 'your mug'       # the alias of the request
 
 
-def test_instance_path_runs_t2m_at_the_size_concepts_are_learned_at(tiny_model_dir):
+def test_instance_path_runs_t2m_on_frames_at_their_own_size_from_the_training_size(tiny_model_dir):
     config = SegmenterConfig(model_path=tiny_model_dir, method='cross', timestep=3, cross_layers=(1,))
     engine = QueryEngine(config)
     sd = engine.segmenter.sd
     native = sd.native_image_size
-    assert native != engine.segmenter.image_size        # the tiny model has no defaults file: 512 for plain
+    assert native < engine.segmenter.image_size == 512     # the tiny model has no defaults file: 512
     instance = instance_config(config, sd)
-    assert (instance.method, instance.timestep, instance.cross_layers, instance.image_size) == ('t2m', -1, (),
-                                                                                                native)
-    assert engine.personal.seg.image_size == native
-    assert instance_config(replace(config, image_size=96), sd).image_size == 96    # explicit size wins
+    assert (instance.method, instance.timestep, instance.cross_layers) == ('t2m', -1, ())
+    assert (instance.image_size, instance.min_image_size) == (0, native)
+    seg = engine.personal.seg
+    assert seg.input_size(native // 2) == native and seg.input_size(300) == 300 and seg.input_size(900) == 512
+    assert engine.segmenter.input_size(300) == 512         # the semantic path always resizes
+    fixed = instance_config(replace(config, image_size=96, min_image_size=96), sd)
+    explicit = Segmenter(fixed, components=sd)
+    assert explicit.input_size(300) == explicit.input_size(40) == 96                  # explicit sizes win
+    rgb = np.zeros((30, 40, 3), np.uint8)
+    assert seg._preprocess(rgb)[1] == (native * 3 // 4, native)          # upscaled to the training size
 
 
 def test_reload_without_a_folder(tiny_model_dir, tmp_path):

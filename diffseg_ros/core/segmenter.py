@@ -34,6 +34,7 @@ class SegmenterConfig:
     dtype: str = 'float32'
     method: str = 't2m'
     image_size: int = 0                  # long side fed to the model; 0 = model default
+    min_image_size: int = 0              # > 0: frames between this and image_size keep their own size
     timestep: int = -1                   # -1 = method default (t2m 150, stableseg/cross 1)
     noise_samples: int = 1               # t2m: noise draws averaged (batched in the one forward)
     seed: int = 0
@@ -55,6 +56,8 @@ class SegmenterConfig:
             (self.method in METHODS, f'method must be one of {sorted(METHODS)}, got {self.method!r}'),
             (self.image_size == 0 or 64 <= self.image_size <= 2048,
              f'image_size must be 0 (model default) or 64..2048, got {self.image_size}'),
+            (self.min_image_size == 0 or 64 <= self.min_image_size <= 2048,
+             f'min_image_size must be 0 (always image_size) or 64..2048, got {self.min_image_size}'),
             (-1 <= self.timestep <= 999,
              f'timestep must be -1 (method default) or 0..999, got {self.timestep}'),
             (1 <= self.noise_samples <= 32, f'noise_samples must be 1..32, got {self.noise_samples}'),
@@ -227,10 +230,16 @@ class Segmenter:
         full = resize(maps[None].float(), padded)[0, :, :frame.valid[0], :frame.valid[1]]
         return resize(full[None], frame.out_size)[0]
 
+    def input_size(self, long_side):
+        """Return the long side a frame is fed at: image_size, or its own in [min_image_size, image_size]."""
+        if not self.config.min_image_size:
+            return self.image_size
+        return min(max(long_side, self.config.min_image_size), self.image_size)
+
     def _preprocess(self, rgb):
-        """Resize keeping aspect (long side = image_size), pad bottom/right to the UNet's multiple."""
+        """Resize keeping aspect (long side = input_size), pad bottom/right to the UNet's multiple."""
         h, w = rgb.shape[:2]
-        scale = self.image_size / max(h, w)
+        scale = self.input_size(max(h, w)) / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         m = self.sd.pad_multiple

@@ -3,11 +3,13 @@
 The SynthWorld camera orbits one household scene; the nodes run with the embedded models; this process
 is the planner. With the `diffseg` node it asks for "red mug", then for two objects at once, waits until
 `~/queries` confirms each request and prints the IoU of every answer against the camera's ground truth as
-frames arrive (overlays saved). Then it teaches the node "my mug" from the camera (`~/learn`), asks for
-"my mug" and prints whether the assigned instance is the right one. Last, the `ldmseg` node completes a
-sparse set of labelled 3D points into dense instances, with ids carried from frame to frame. The demo
-ends with a summary. DDS stays on localhost with a private domain id.
+frames arrive (overlays saved). Then it teaches the node "my mug" from the camera (`~/learn`) while the
+camera shows the red mug alone (the rest of the table cleared, as a user would show a robot their mug),
+asks for "my mug" in the full scene and prints whether the assigned instance is the right one. Last,
+the `ldmseg` node completes a sparse set of labelled 3D points into dense instances, with ids carried
+from frame to frame. The demo ends with a summary. DDS stays on localhost with a private domain id.
 """
+import glob
 import json
 import os
 import shutil
@@ -51,9 +53,16 @@ def find_scene(seed, width, height, phrase=FIRST_QUERY, tries=400):
 
 
 def start(module, *ros_args, log_dir):
-    log = open(os.path.join(log_dir, module.rsplit('.', 1)[-1] + '.log'), 'w')
+    log = open(os.path.join(log_dir, module.rsplit('.', 1)[-1] + '.log'), 'a')     # a restart appends
     cmd = [sys.executable, '-m', module, '--ros-args', *ros_args]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+
+def start_camera(seed, log_dir, show_only=''):
+    """Start the SynthWorld camera orbiting one scene; show_only draws that object alone (teaching view)."""
+    return start('diffseg_ros.ros.synth_camera', '-p', f'seed:={seed}', '-p', 'scenes:=1', '-p', 'width:=256',
+                 '-p', 'height:=192', '-p', 'rate:=4.0', '-p', 'frames_per_scene:=60',
+                 *(['-p', f'show_only:={show_only}'] if show_only else []), log_dir=log_dir)
 
 
 def model_override(path):
@@ -247,6 +256,8 @@ class Planner:
 def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout=60.0, model='',
              ldmseg_model=''):
     os.makedirs(out_dir, exist_ok=True)
+    for old_log in glob.glob(os.path.join(out_dir, '*.log')):
+        os.remove(old_log)
     os.environ.update(demo_environment())
     scene = find_scene(seed, 256, 192)
     others = [o.phrase for o in scene.objects if o.phrase != FIRST_QUERY]
@@ -254,9 +265,7 @@ def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout
     concepts_dir = os.path.join(out_dir, 'concepts')
     shutil.rmtree(concepts_dir, ignore_errors=True)
     os.makedirs(concepts_dir)
-    camera = start('diffseg_ros.ros.synth_camera', '-p', f'seed:={scene.seed}', '-p', 'scenes:=1',
-                   '-p', 'width:=256', '-p', 'height:=192', '-p', 'rate:=4.0', '-p', 'frames_per_scene:=60',
-                   log_dir=out_dir)
+    camera = start_camera(scene.seed, out_dir)
     node = start('diffseg_ros.node', '--params-file', os.path.join(REPO_CONFIG, 'diffseg.yaml'),
                  '-p', f'method:={method}', *model_override(model),
                  '-p', f'concepts_dir:={os.path.abspath(concepts_dir)}',
@@ -274,7 +283,12 @@ def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout
         for number, queries in enumerate([[FIRST_QUERY], [FIRST_QUERY] + others[:1]], start=1):
             for query, values in planner.ask(queries, frames, timeout).items():
                 results[f'{query} (request {number})'] = values
-        if planner.learn(LEARN_REQUEST, 2 * timeout):
+        stop(camera)
+        camera = start_camera(scene.seed, out_dir, show_only=FIRST_QUERY)
+        learned = planner.learn(LEARN_REQUEST, 2 * timeout)
+        stop(camera)
+        camera = start_camera(scene.seed, out_dir)
+        if learned:
             personal = planner.ask_personal(PERSONAL_QUERY, FIRST_QUERY, frames, timeout)
         stop(node)
         labels = run_label_completion(planner, out_dir, frames, timeout, ldmseg_model)

@@ -123,8 +123,9 @@ def run_personal_eval(model_path='', seed=0, mugs=8, scenes=12, views=1, size=12
                       dtype='float32', report_png=None, show_progress=True, components=None, image_size=0):
     """Build SynthMug, learn the concepts, evaluate every method; returns the report dict.
 
-    Scenes are rendered at `size`; the model learns concepts at settings.size and sees the scenes at
-    `image_size` (0 for either = the size the model was trained at, as the node's instance path does).
+    Scenes are rendered at `size`; the model learns concepts at settings.size (0 = the size it was trained
+    at) and sees the scenes at `image_size` (0 = as the node's instance path does: their own size, within
+    the training size and the model's default input size).
     """
     settings = settings or LearnSettings()
     sd = components or load_sd_components(model_path, dtype=dtype)
@@ -133,7 +134,8 @@ def run_personal_eval(model_path='', seed=0, mugs=8, scenes=12, views=1, size=12
     with tempfile.TemporaryDirectory() as scratch:
         concepts = learn_pool(library, bench, concepts_dir or scratch, settings, show_progress)
         arithmetic = arithmetic_concepts(library, concepts)
-        config = SegmenterConfig(model_path=model_path, dtype=dtype, method='t2m', image_size=image_size)
+        config = SegmenterConfig(model_path=model_path, dtype=dtype, method='t2m', image_size=image_size,
+                                 min_image_size=image_size)
         seg = Segmenter(instance_config(config, sd), components=sd)
         personal = PersonalSegmenter(seg, library, PersonalConfig(max_segments=max_segments))
         rows, merge, examples, installed = [], [], [], {}
@@ -252,7 +254,8 @@ def add_parser(subparsers, name='personal'):
     p.add_argument('--views', type=int, default=2, help='orbiting views rendered per scene')
     p.add_argument('--size', type=int, default=128, help='size the scenes are rendered at')
     p.add_argument('--image-size', type=int, default=0,
-                   help='size the model sees them at (0 = the size it was trained at, as the node does)')
+                   help="size the model sees them at (0 = the node's instance path: their own size, within "
+                        "the model's training and default sizes)")
     p.add_argument('--train-views', type=int, nargs=2, default=[5, 10], help='views per mug: min max')
     p.add_argument('--class-count', type=int, default=16, help='regularisation images (other mugs)')
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
