@@ -57,8 +57,9 @@ def instance_config(config, sd):
     """Return the instance path's config: T2M SelfCross (its defaults if another method is set).
 
     Frames keep their own size between the model's training size (concepts are learned there) and
-    image_size: learned K/V do not carry over to resampled frames (SynthMug, 128-px frames: af_acc 0.74
-    at 128 px, 0.48 upscaled to 256; demo scene, 256 x 192 frames: right instance 0/6 at 128, 5/6 at 256).
+    image_size: learned K/V do not carry over to resampled frames (SynthMug, 4 mugs, 128-px frames: af_acc
+    0.74 at 128 px, 0.48 upscaled to 256; demo scene, 256 x 192 frames: right instance 0/6 at 128, 5/6 at
+    256).
     """
     if config.method != 't2m':
         config = replace(config, method='t2m', timestep=-1, cross_layers=(), self_layers=())
