@@ -87,3 +87,35 @@ def test_start_from_a_folder_resumes_its_model_with_identity_extra_text_layers(t
     wider = build_sd_components(model_configs(replace(cfg, text_hidden=64)), seed=4)
     with pytest.raises((ValueError, RuntimeError)):
         start_from(wider, str(tmp_path / 'model'))
+
+
+def test_start_from_a_text_only_fine_level_adds_self_attention_as_an_identity_residual(tmp_path):
+    from dataclasses import replace
+    from diffseg_ros.core.sd_models import save_sd_components
+    from diffseg_ros.training.train_sd import start_from
+    torch.set_num_threads(1)
+    cfg = tiny_config(tmp_path)
+    source = build_sd_components(model_configs(cfg), seed=3)
+    save_sd_components(source, tmp_path / 'model')
+    finer = build_sd_components(model_configs(replace(cfg, fine_self_attention=True)), seed=4)
+    start_from(finer, str(tmp_path / 'model'))
+    fine = ['down_blocks.0.attentions.0', 'up_blocks.2.attentions.0', 'up_blocks.2.attentions.1']
+    modules = dict(finer.unet.named_modules())
+    for name in fine:
+        attn1 = modules[f'{name}.transformer_blocks.0.attn1']
+        assert not attn1.is_cross_attention and torch.count_nonzero(attn1.to_k.weight) > 0
+        assert torch.count_nonzero(attn1.to_out[0].weight) == 0
+    # Same function as the source without its fine level's first (text) attention.
+    with torch.no_grad():
+        source_modules = dict(source.unet.named_modules())
+        for name in fine:
+            out = source_modules[f'{name}.transformer_blocks.0.attn1'].to_out[0]
+            out.weight.zero_()
+            out.bias.zero_()
+        x, t, text = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, cfg.text_hidden)
+        torch.testing.assert_close(finer.unet(x, t, encoder_hidden_states=text).sample,
+                                   source.unet(x, t, encoder_hidden_states=text).sample)
+    wider_cfg = replace(cfg, fine_self_attention=True, unet_channels=(16, 32, 64))
+    wider = build_sd_components(model_configs(wider_cfg), seed=4)
+    with pytest.raises(ValueError):
+        start_from(wider, str(tmp_path / 'model'))

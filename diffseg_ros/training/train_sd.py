@@ -15,6 +15,7 @@ import json
 from functools import partial
 import multiprocessing
 import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -50,6 +51,7 @@ class TrainConfig:
     caption_dropout: float = 0.1
     pattern_probability: float = 0.5  # chance a template caption names a patterned object's pattern
     init_from: str = ''               # SD folder to start from ('' = train from scratch)
+    fine_self_attention: bool = False  # the 32x32 transformers attend to the image too, not only the text
     checkpoint_every: int = 500
     probe_every: int = 1000          # per-layer localisation AUC on held-out scenes (0 = off)
     threads: int = 2
@@ -58,9 +60,10 @@ class TrainConfig:
 def model_configs(cfg):
     """Configs of the embedded model: f=4 VAE (128 px -> 32x32 latent); cross-attention at 32, 16 and 8.
 
-    At the 32x32 level the transformers attend to the text only (`only_cross_attention`): self-attention
-    over 1,024 positions dominated the CPU cost of a training step, and T2M/SAR read self-attention at
-    16x16 and 8x8. Every head is 32 channels wide.
+    Without `fine_self_attention` the 32x32 transformers attend to the text only (`only_cross_attention`,
+    v2-v4): self-attention over 1,024 positions is the largest CPU cost of a step. With it they keep
+    self-attention (as in SD), the finest affinity T2M's SelfCross can propagate through. Every head is
+    32 channels wide.
     """
     text = CLIPTextConfig(vocab_size=49408, hidden_size=cfg.text_hidden,
                           intermediate_size=cfg.text_hidden * 4, num_hidden_layers=cfg.text_layers,
@@ -72,7 +75,7 @@ def model_configs(cfg):
     unet = dict(sample_size=cfg.size // 4, in_channels=4, out_channels=4, layers_per_block=1,
                 block_out_channels=c,
                 cross_attention_dim=cfg.text_hidden, attention_head_dim=tuple(max(1, ch // 32) for ch in c),
-                only_cross_attention=[True, False, False], norm_num_groups=16,
+                only_cross_attention=[not cfg.fine_self_attention, False, False], norm_num_groups=16,
                 down_block_types=('CrossAttnDownBlock2D',) * 3, up_block_types=('CrossAttnUpBlock2D',) * 3)
     return text, vae, unet
 
@@ -255,14 +258,17 @@ def train(cfg, export_dir=None):
 
 
 def start_from(parts, path):
-    """Copy an SD folder's VAE, text encoder and UNet weights into `parts` (same architecture).
+    """Copy an SD folder's VAE, text encoder and UNet weights into `parts`.
 
     Text layers `parts` has beyond the folder's keep their fresh weights with zeroed output projections
-    (attention out_proj, MLP fc2): residual blocks that pass their input through unchanged.
+    (attention out_proj, MLP fc2): residual blocks that pass their input through unchanged. Transformers
+    whose first attention was text-only in the folder and attends to the image in `parts` get fresh
+    key/value projections and a zeroed output projection: the block starts as the folder's without
+    that attention and learns it from there.
     """
     source = load_sd_components(path)
     parts.vae = source.vae
-    parts.unet.load_state_dict(source.unet.state_dict())
+    gained = load_gaining_self_attention(parts.unet, source.unet.state_dict(), path)
     missing, unexpected = parts.text_encoder.load_state_dict(source.text_encoder.state_dict(), strict=False)
     if unexpected:
         raise ValueError(f'text encoder of {path} does not fit the configured one: {unexpected[:3]}')
@@ -270,11 +276,24 @@ def start_from(parts, path):
     if len(missing) != sum(len(layer.state_dict()) for layer in new_layers):
         raise ValueError(f'text encoder of {path} does not fit the configured one: {missing[:3]}')
     with torch.no_grad():
-        for layer in new_layers:
-            for linear in (layer.self_attn.out_proj, layer.mlp.fc2):
-                linear.weight.zero_()
-                linear.bias.zero_()
+        for linear in [m for layer in new_layers for m in (layer.self_attn.out_proj, layer.mlp.fc2)] + gained:
+            linear.weight.zero_()
+            linear.bias.zero_()
     return parts
+
+
+def load_gaining_self_attention(unet, state, path):
+    """Load a UNet state; return the output projections of attentions that became self-attention.
+
+    Only `attn1.to_k` / `attn1.to_v` may differ in shape (text width -> image width); the rest must fit.
+    """
+    target = unet.state_dict()
+    unfit = [k for k, v in state.items() if k not in target or target[k].shape != v.shape]
+    if any(not re.search(r'\.attn1\.to_[kv]\.weight$', k) for k in unfit) or set(target) - set(state):
+        raise ValueError(f'UNet of {path} does not fit the configured one: {unfit[:3]}')
+    unet.load_state_dict({k: v for k, v in state.items() if k not in unfit}, strict=False)
+    modules = dict(unet.named_modules())
+    return [modules[name].to_out[0] for name in dict.fromkeys(k.rsplit('.', 2)[0] for k in unfit)]
 
 
 def text_layers(text_encoder):
