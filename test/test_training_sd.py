@@ -119,3 +119,13 @@ def test_start_from_a_text_only_fine_level_adds_self_attention_as_an_identity_re
     wider = build_sd_components(model_configs(wider_cfg), seed=4)
     with pytest.raises(ValueError):
         start_from(wider, str(tmp_path / 'model'))
+
+
+def test_cli_flags_set_boolean_options_both_ways():
+    import argparse
+    from diffseg_ros.training.train_sd import add_parser
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    assert parser.parse_args(['sd']).fine_self_attention is False
+    assert parser.parse_args(['sd', '--fine-self-attention']).fine_self_attention is True
+    assert parser.parse_args(['sd', '--no-fine-self-attention']).fine_self_attention is False

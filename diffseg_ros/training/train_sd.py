@@ -10,6 +10,7 @@ With --init-from an SD folder (e.g. the embedded model), stage 2 is skipped and 
 folder's VAE, text encoder and UNet; text layers the folder lacks start as the identity (zero output
 projections), so the run resumes the folder's model exactly and learns the new layers from there.
 """
+import argparse
 from dataclasses import asdict, dataclass
 import json
 from functools import partial
@@ -332,6 +333,8 @@ def add_parser(subparsers):
         flag = '--' + name.replace('_', '-')
         if isinstance(value, tuple):
             parser.add_argument(flag, type=int, nargs='+', default=list(value))
+        elif isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
     parser.add_argument('--export', default=None, help='write the fp16 diffusers folder here when done')
