@@ -24,6 +24,9 @@ def run_node(make_node, name, args, failures=(), make_executor=None):
         print(f'[{name}] cannot start: {err}', file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
     try:
+        # The executor is built before the node says it is ready: a SIGINT right after "ready" would
+        # otherwise land inside the executor's constructor, whose __del__ then fails noisily (rclpy).
+        executor = make_executor() if make_executor else None
         node = make_node()
     except (KeyboardInterrupt, ExternalShutdownException):   # stopped while starting
         rclpy.try_shutdown()
@@ -34,7 +37,7 @@ def run_node(make_node, name, args, failures=(), make_executor=None):
         rclpy.try_shutdown()
         return code
     try:
-        rclpy.spin(node, executor=make_executor() if make_executor else None)
+        rclpy.spin(node, executor=executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except RCLError:

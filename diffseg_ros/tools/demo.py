@@ -196,21 +196,27 @@ class Planner:
         return scores
 
     def learn(self, request, timeout):
-        """Ask the node to learn a concept from the camera; wait for done or failed."""
+        """Ask the node to learn a concept from the camera; wait for done or failed.
+
+        `timeout` bounds the wait without progress, not the whole job: training time grows with the
+        machine's load, and the node reports progress every few steps.
+        """
         from std_msgs.msg import String
         print(f'\nplanner: teaching the node "{request}" from the camera (~/learn)')
         self.learn_pub.publish(String(data=request))
-        last = None
-
-        def finished():
-            nonlocal last
+        last, deadline = None, time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.spin_for(0.2)
             status = self.learn_status or {}
-            if status.get('request') == request and (status.get('state'), status.get('message')) != last:
+            if status.get('request') != request:
+                continue
+            if (status.get('state'), status.get('message')) != last:
                 last = (status.get('state'), status.get('message'))
+                deadline = time.monotonic() + timeout
                 print(f"  learn: {status.get('state')} {status.get('progress', 0):.0%} "
                       f"{status.get('message', '')}")
-            return status.get('request') == request and status.get('state') in ('done', 'failed')
-        self.spin_for(timeout, finished)
+            if status.get('state') in ('done', 'failed'):
+                break
         return (self.learn_status or {}).get('state') == 'done'
 
     def ask_personal(self, query, truth_phrase, frames, timeout):
@@ -285,7 +291,7 @@ def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout
                 results[f'{query} (request {number})'] = values
         stop(camera)
         camera = start_camera(scene.seed, out_dir, show_only=FIRST_QUERY)
-        learned = planner.learn(LEARN_REQUEST, 2 * timeout)
+        learned = planner.learn(LEARN_REQUEST, timeout)
         stop(camera)
         camera = start_camera(scene.seed, out_dir)
         if learned:
@@ -346,7 +352,8 @@ def add_parser(subparsers):
     p.add_argument('--method', default='t2m', choices=['t2m', 'stableseg', 'cross'],
                    help="method of the plain queries, the node's default unless given (personal queries "
                         "always use t2m)")
-    p.add_argument('--timeout', type=float, default=60.0, help='seconds allowed per step')
+    p.add_argument('--timeout', type=float, default=60.0,
+                   help='seconds allowed per step (learning: seconds without progress)')
     p.add_argument('--model', default='', help="SD diffusers folder for the diffseg node ('' = embedded)")
     p.add_argument('--ldmseg-model', default='', help="LDMSeg folder for the ldmseg node ('' = embedded)")
     p.set_defaults(func=main)
