@@ -11,6 +11,7 @@ from transformers import CLIPTokenizer
 from diffseg_ros.core.prompts import compose_prompt
 from diffseg_ros.core.sd_models import ModelLoadError, load_sd_components, save_tiny_random_model
 from diffseg_ros.core.segmenter import Segmenter, SegmenterConfig, clean_queries
+from diffseg_ros.core.methods import METHODS
 from diffseg_ros.core.methods.stableseg import merge_query_tokens
 
 
@@ -132,6 +133,38 @@ def test_model_defaults_file_sets_size_words_and_per_method_timestep_and_layers(
     other = Segmenter(SegmenterConfig(model_path=str(folder), method='stableseg'))   # no entry: papers'
     papers = Segmenter(SegmenterConfig(model_path=model_dir, method='stableseg'))
     assert other.timestep == 1 and other.cross_layers == papers.cross_layers
+
+
+def _with_defaults(model_dir, folder, defaults):
+    shutil.copytree(model_dir, folder)
+    (folder / 'diffseg_defaults.json').write_text(json.dumps(defaults))
+    return str(folder)
+
+
+def test_no_method_takes_the_models_recommended_method_and_crf(model_dir, tmp_path):
+    folder = _with_defaults(model_dir, tmp_path / 'recommends', {
+        'method': 'stableseg', 'crf': True, 'methods': {'stableseg': {'timestep': 30}}})
+    seg = Segmenter(SegmenterConfig(model_path=folder, image_size=64))
+    assert (seg.config.method, seg.config.crf, seg.timestep) == ('stableseg', True, 30)
+    assert seg.method is METHODS['stableseg']
+    assert seg.describe()['method'] == 'stableseg' and seg.describe()['crf'] is True
+    result = seg.segment(frame(), ['mug'])
+    assert result.labels.shape == (48, 80)
+    seg.set_config(SegmenterConfig(model_path=folder, image_size=64, background_threshold=0.3))  # at runtime
+    assert (seg.config.method, seg.config.crf, seg.config.background_threshold) == ('stableseg', True, 0.3)
+    explicit = Segmenter(SegmenterConfig(model_path=folder, method='t2m', image_size=64))
+    assert (explicit.config.method, explicit.config.crf) == ('t2m', False)    # an explicit method wins
+    plain = Segmenter(SegmenterConfig(model_path=model_dir, image_size=64))  # no recommendation: T2M
+    assert (plain.config.method, plain.config.crf) == ('t2m', False)
+
+
+def test_a_bad_defaults_file_is_a_clear_model_error(model_dir, tmp_path):
+    folder = _with_defaults(model_dir, tmp_path / 'bad', {'method': 'sam'})
+    with pytest.raises(ModelLoadError, match="recommends an unknown method 'sam'"):
+        Segmenter(SegmenterConfig(model_path=folder))
+    (tmp_path / 'bad' / 'diffseg_defaults.json').write_text('{"method": ')
+    with pytest.raises(ModelLoadError, match='unreadable .*diffseg_defaults.json'):
+        Segmenter(SegmenterConfig(model_path=folder))
 
 
 @pytest.mark.parametrize('field,value', [('method', 'sam'), ('dtype', 'int8'), ('device', 'tpu'),

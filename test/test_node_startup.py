@@ -1,4 +1,7 @@
 """Starting and stopping diffseg: bad parameters and model folders fail clearly, SIGINT is clean."""
+import json
+import shutil
+
 import pytest
 
 from diffseg_ros.ros.segmentation_node import EXIT_BAD_PARAMETER, EXIT_MODEL_ERROR
@@ -31,7 +34,8 @@ def test_incomplete_model_folder_names_the_missing_files(launcher, tmp_path):
 
 @pytest.mark.parametrize('param, message', [
     ('method:=kmeans',
-     "invalid parameter: method must be one of ['cross', 'stableseg', 't2m'], got 'kmeans'"),
+     "invalid parameter: method must be one of ['cross', 'stableseg', 't2m'] or '' (the model's choice), "
+     "got 'kmeans'"),
     ('noise_samples:=many', "invalid parameter: noise_samples: Trying to set parameter 'noise_samples' to "
                             "'many' of type 'STRING', expecting type 'INTEGER'"),
     ('qos.image.reliability:=sometimes', "qos.image.reliability must be 'best_effort' or 'reliable'"),
@@ -47,3 +51,29 @@ def test_sigint_stops_cleanly(launcher):
     node = launcher.start()
     assert node.process.stop() == 0
     assert 'Traceback' not in node.process.log and '[ERROR]' not in node.process.log, node.process.log
+
+
+def _recommending(tiny_model_dir, folder, defaults_text):
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / 'diffseg_defaults.json').write_text(defaults_text)
+    return folder
+
+
+def test_the_models_recommended_method_is_used_and_reported(launcher, tiny_model_dir, tmp_path):
+    folder = _recommending(tiny_model_dir, tmp_path / 'recommends',
+                           json.dumps({'method': 'cross', 'crf': True}))
+    node = launcher.start(model_path=folder)     # config/diffseg.yaml leaves method '' (the model's choice)
+    assert node.send_query('red mug', expect=['red mug'])['method'] == 'cross'
+    assert json.loads(node.state.wait_for().data)['crf'] is True
+    assert 'method cross + dense CRF' in node.process.log
+    semantic, _ = node.send_images_until(node.outputs['semantic'], first_index=1)
+    assert semantic is not None, f'no answer with the recommended cross + CRF; log:\n{node.process.log}'
+    explicit = launcher.start('method:=t2m', model_path=folder)
+    state = json.loads(explicit.state.wait_for().data)
+    assert (state['method'], state['crf']) == ('t2m', False)
+
+
+def test_a_bad_model_defaults_file_is_a_clear_model_error(launcher, tiny_model_dir, tmp_path):
+    folder = _recommending(tiny_model_dir, tmp_path / 'bad', json.dumps({'method': 'kmeans'}))
+    process, _ = launcher.start_process(model_path=folder)
+    assert_clear_failure(process, EXIT_MODEL_ERROR, 'cannot load model', "unknown method 'kmeans'")

@@ -84,7 +84,7 @@ class QueryEngine:
 
     def set_config(self, config):
         """Apply runtime threshold changes to both paths."""
-        self.segmenter.config = config
+        self.segmenter.set_config(config)
         self.personal.seg.config = instance_config(config, self.segmenter.sd)
 
     # --- concepts -------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ All active queries share one composed prompt, whose text embedding is cached per
 latent is computed once per frame; the method reads the attention it needs from that single pass.
 """
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 import json
 import os
 import time
@@ -18,9 +18,10 @@ from .attention import AttentionCapture, has_self_attention, resolve_layers, tra
 from .methods import METHODS
 from .methods.common import resize
 from .prompts import DEFAULT_BACKGROUND_WORDS, compose_prompt
-from .sd_models import DTYPES, ModelLoadError, load_sd_components  # noqa: F401  (re-exported)
+from .sd_models import DTYPES, ModelLoadError, load_sd_components
 
-# Optional per-model defaults: image size, background words, and per method its timestep and layers.
+# Optional per-model defaults: recommended method (+ CRF), image size, background words, and per method its
+# timestep and layers.
 DEFAULTS_FILE = 'diffseg_defaults.json'
 MAX_QUERIES = 16
 MAX_QUERY_CHARS = 200
@@ -32,7 +33,7 @@ class SegmenterConfig:
     model_path: str = ''                 # '' = the embedded SynthWorld model
     device: str = 'cpu'
     dtype: str = 'float32'
-    method: str = 't2m'
+    method: str = ''                     # '' = the model's recommended method (+ its CRF choice), else t2m
     image_size: int = 0                  # long side fed to the model; 0 = model default
     min_image_size: int = 0              # > 0: frames between this and image_size keep their own size
     timestep: int = -1                   # -1 = method default (t2m 150, stableseg/cross 1)
@@ -53,7 +54,8 @@ class SegmenterConfig:
             (self.device.split(':')[0] in ('cpu', 'cuda'),
              f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}"),
             (self.dtype in DTYPES, f'dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}'),
-            (self.method in METHODS, f'method must be one of {sorted(METHODS)}, got {self.method!r}'),
+            (self.method in METHODS or not self.method,
+             f"method must be one of {sorted(METHODS)} or '' (the model's choice), got {self.method!r}"),
             (self.image_size == 0 or 64 <= self.image_size <= 2048,
              f'image_size must be 0 (model default) or 64..2048, got {self.image_size}'),
             (self.min_image_size == 0 or 64 <= self.min_image_size <= 2048,
@@ -99,12 +101,28 @@ class SegmentationResult:
     timings: dict
 
 
+def recommended(config, model_defaults):
+    """Return the config with the model's recommended method and CRF choice when no method is set.
+
+    A model folder's defaults file names the method (and whether to refine with the CRF) that segments best
+    with that model; without one, T2M. An explicit method leaves the config as given.
+    """
+    if config.method:
+        return config
+    method = model_defaults.get('method', 't2m')
+    if method not in METHODS:
+        raise ModelLoadError(f'{DEFAULTS_FILE} of the model recommends an unknown method {method!r} '
+                             f'(known: {sorted(METHODS)})')
+    return replace(config, method=method, crf=config.crf or bool(model_defaults.get('crf', False)))
+
+
 class Segmenter:
     def __init__(self, config, components=None):
-        self.config = config.validate()
+        config.validate()
         self.sd = components or load_sd_components(config.model_path, config.device, config.dtype)
-        self.method = METHODS[config.method]
         self.model_defaults = self._read_model_defaults()
+        self.set_config(config)
+        self.method = METHODS[self.config.method]
         self.cross_layers, self.self_layers = self._choose_layers()
         self.timestep = (config.timestep if config.timestep >= 0 else
                          self._method_defaults().get('timestep', self.method.DEFAULT_TIMESTEP))
@@ -116,12 +134,22 @@ class Segmenter:
         self.prompt = None
 
     # --- configuration -------------------------------------------------------------------------------
+    def set_config(self, config):
+        """Use `config` from the next frame (runtime threshold changes); method '' = the model's choice."""
+        self.config = recommended(config, self.model_defaults)
+
     def _read_model_defaults(self):
         path = os.path.join(self.sd.path, DEFAULTS_FILE) if self.sd.path else ''
-        if path and os.path.isfile(path):
+        if not (path and os.path.isfile(path)):
+            return {}
+        try:
             with open(path, encoding='utf-8') as f:
-                return json.load(f)
-        return {}
+                defaults = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f'unreadable {path}: {err}') from None
+        if not isinstance(defaults, dict):
+            raise ModelLoadError(f'{path} must hold a JSON object')
+        return defaults
 
     def _method_defaults(self):
         """Return this method's entry of the model's defaults file ({} when there is none)."""
@@ -138,7 +166,8 @@ class Segmenter:
     def describe(self):
         """Return static facts for diagnostics."""
         return dict(model=self.sd.path, device=str(self.sd.device), dtype=self.config.dtype,
-                    method=self.config.method, timestep=self.timestep, image_size=self.image_size,
+                    method=self.config.method, crf=self.config.crf, timestep=self.timestep,
+                    image_size=self.image_size,
                     cross_layers=self.cross_layers, self_layers=self.self_layers)
 
     # --- queries -------------------------------------------------------------------------------------
@@ -322,9 +351,3 @@ def check_rgb(rgb):
     if min(rgb.shape[:2]) < 8:
         raise ValueError(f'image too small to segment: {rgb.shape[1]}x{rgb.shape[0]}')
     return np.ascontiguousarray(rgb)
-
-
-def config_from_dict(values):
-    """Build a SegmenterConfig from a dict (e.g. ROS parameters), ignoring unknown keys."""
-    known = asdict(SegmenterConfig())
-    return SegmenterConfig(**{k: v for k, v in values.items() if k in known})

@@ -44,8 +44,9 @@ SPECS = (
             "local diffusers Stable Diffusion folder; '' = the embedded SynthWorld model"),
     _engine('device', T.STRING, 'torch device for the model', constraints="cpu | cuda | cuda:N"),
     _engine('dtype', T.STRING, 'model weights precision', constraints='float32 | float16 | bfloat16'),
-    _engine('method', T.STRING, 'segmentation method: T2M SelfCross, StableSeg, or plain cross-attention',
-            constraints='t2m | stableseg | cross'),
+    _engine('method', T.STRING, "segmentation method: T2M SelfCross, StableSeg, or plain cross-attention; "
+            "'' = the model's recommendation (its diffseg_defaults.json, with its CRF choice), else t2m",
+            constraints="'' | t2m | stableseg | cross"),
     _engine('image_size', T.INTEGER, 'long side in pixels of the image fed to the model; 0 = model default',
             constraints='0 or 64..2048'),
     _engine('timestep', T.INTEGER, 'diffusion timestep of the one UNet forward; -1 = method default',
@@ -69,7 +70,8 @@ SPECS = (
             constraints='(0, 1]'),
     _engine('mask_threshold', T.DOUBLE, "minimum probability for a pixel to count as a query's foreground",
             read_only=False, constraints='[0, 1)'),
-    Spec('crf', T.BOOL, False, 'refine masks with a dense CRF (slower)'),
+    _engine('crf', T.BOOL, "refine masks with a dense CRF (slower); method '' may turn it on as the model "
+            'recommends'),
     Spec('qos.image.reliability', T.STRING, 'best_effort',
          'reliability of the image subscription (SensorDataQoS is best_effort)',
          constraints='best_effort | reliable'),
@@ -110,7 +112,7 @@ SPECS = (
     Spec('learn.seed', T.INTEGER, LEARN_DEFAULTS.seed, 'seed of the training'),
 )
 ENGINE_FIELDS = {f.name for f in fields(SegmenterConfig)}
-NODE_ONLY = ('crf',) + tuple(spec.name for spec in SPECS if spec.name not in ENGINE_FIELDS)
+NODE_ONLY = tuple(spec.name for spec in SPECS if spec.name not in ENGINE_FIELDS)
 # (name, lowest, highest) of the numeric node parameters, checked at start and on runtime changes
 RANGES = (('qos.image.depth', 1, 100), ('instances.max_segments', 1, 32), ('instances.min_score', 0.0, 1.0),
           ('depth_tolerance', 0.0, 10.0), ('marker_lifetime', 0.0, 3600.0), ('learn.frames', 1, 100),
@@ -171,10 +173,6 @@ def validate_node_values(values):
 def segmenter_config(values):
     """Build the SegmenterConfig of parameter values; raise ParameterError for values the engine refuses."""
     engine_values = {name: value for name, value in values.items() if name not in NODE_ONLY}
-    if values['crf'] and 'crf' not in ENGINE_FIELDS:
-        raise ParameterError('crf is true but this version of the segmentation engine has no CRF refinement')
-    if 'crf' in ENGINE_FIELDS:
-        engine_values['crf'] = values['crf']
     engine_values['cross_layers'] = tuple(engine_values['cross_layers'])
     engine_values['self_layers'] = tuple(engine_values['self_layers'])
     engine_values['background_words'] = tuple(engine_values['background_words']) or None

@@ -90,11 +90,13 @@ class SegmentationNode(Node):
         self.params = declare_parameters(self)
         self.config = segmenter_config(self.params)
         self.get_logger().info(f"loading model '{self.config.model_path or 'embedded'}' "
-                               f'({self.config.method}, {self.config.device}, {self.config.dtype})')
+                               f'({self.config.device}, {self.config.dtype})')
         try:
             self.engine = QueryEngine(self.config, personal_config(self.params), self.params['concepts_dir'])
         except ValueError as err:   # e.g. a layer index this UNet does not have
             raise ParameterError(str(err)) from None
+        method = self.engine.segmenter.config      # method '' became the model's recommendation
+        self.get_logger().info(f"method {method.method}{' + dense CRF' if method.crf else ''}")
         self.info = self.engine.segmenter.describe()
         self.stats = NodeStats()
         self.repeats = RepeatFilter()
@@ -397,7 +399,8 @@ class SegmentationNode(Node):
         queries = [{'label': i, 'text': q.text, 'prompt': q.prompt, 'concept': q.concept or None,
                     'class_word': q.class_word or None} for i, q in enumerate(state.queries, start=1)]
         refused = [{'folder': folder, 'error': why} for folder, why in self.reload_report.refused.items()]
-        message = {'queries': queries, 'method': self.config.method, 'mode': state.mode,
+        method = self.engine.segmenter.config
+        message = {'queries': queries, 'method': method.method, 'crf': method.crf, 'mode': state.mode,
                    'truncated': self.parsed.dropped + state.truncated,
                    'warnings': self.parsed.warnings + state.warnings,
                    'concepts': self.engine.concepts(), 'refused_concepts': refused}

@@ -97,6 +97,7 @@ class Planner:
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self.query_pub = self.node.create_publisher(String, 'query', reliable)
         self.truth, self.answers, self.confirmed, self.saved = {}, [], None, 0
+        self.method = 'unknown'      # the plain queries' method, as the node confirms it
         self.node.create_subscription(Image, 'camera/instances', self._on_truth, reliable)
         self.node.create_subscription(String, 'camera/scene_info', self._on_info, reliable)
         self.node.create_subscription(Image, 'diffseg/semantic', self._on_semantic, reliable)
@@ -135,6 +136,8 @@ class Planner:
 
     def _on_queries(self, msg):
         self.confirmed = json.loads(msg.data)
+        crf = ' + dense CRF' if self.confirmed.get('crf') else ''
+        self.method = self.confirmed.get('method', '?') + crf
 
     def _on_learn_status(self, msg):
         self.learn_status = json.loads(msg.data)
@@ -259,7 +262,7 @@ class Planner:
         return [s for values in scores.values() for s in values]
 
 
-def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout=60.0, model='',
+def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='', timeout=60.0, model='',
              ldmseg_model=''):
     os.makedirs(out_dir, exist_ok=True)
     for old_log in glob.glob(os.path.join(out_dir, '*.log')):
@@ -273,7 +276,7 @@ def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout
     os.makedirs(concepts_dir)
     camera = start_camera(scene.seed, out_dir)
     node = start('diffseg_ros.node', '--params-file', os.path.join(REPO_CONFIG, 'diffseg.yaml'),
-                 '-p', f'method:={method}', *model_override(model),
+                 *(('-p', f'method:={method}') if method else ()), *model_override(model),
                  '-p', f'concepts_dir:={os.path.abspath(concepts_dir)}',
                  *[arg for p in LEARN_PARAMETERS for arg in ('-p', p)],
                  *CAMERA_REMAPS,
@@ -303,7 +306,7 @@ def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='t2m', timeout
         rclpy.try_shutdown()
         for process in (node, camera):
             stop(process)
-    return summarise(results, personal, labels, method, planner.saved, out_dir)
+    return summarise(results, personal, labels, planner.method, planner.saved, out_dir)
 
 
 def run_label_completion(planner, out_dir, frames, timeout, model=''):
@@ -323,7 +326,7 @@ def run_label_completion(planner, out_dir, frames, timeout, model=''):
 
 def summarise(results, personal, labels, method, saved, out_dir):
     """Print the summary; return 0 when every stage produced answers."""
-    print('\nsummary (IoU against SynthWorld truth, embedded model, method %s):' % method)
+    print(f'\nsummary (IoU against SynthWorld truth, method {method} as the node reported it):')
     for query, values in results.items():
         mean = f'{np.mean(values):.2f}' if values else 'n/a'
         print(f'  {query:32s} mean IoU {mean} over {len(values)} frames')
@@ -349,9 +352,9 @@ def add_parser(subparsers):
     p.add_argument('--out', default='out/demo', help='folder for overlays and process logs')
     p.add_argument('--seed', type=int, default=DEMO_SEED, help='first scene seed to search for a red mug')
     p.add_argument('--frames', type=int, default=6, help='answers scored per query set')
-    p.add_argument('--method', default='t2m', choices=['t2m', 'stableseg', 'cross'],
-                   help="method of the plain queries, the node's default unless given (personal queries "
-                        "always use t2m)")
+    p.add_argument('--method', default='', choices=['', 't2m', 'stableseg', 'cross'],
+                   help="method of the plain queries; '' = the node's default, the model's recommendation "
+                        "(personal queries always use t2m)")
     p.add_argument('--timeout', type=float, default=60.0,
                    help='seconds allowed per step (learning: seconds without progress)')
     p.add_argument('--model', default='', help="SD diffusers folder for the diffseg node ('' = embedded)")
