@@ -104,6 +104,42 @@ def test_training_cli_runs_resumes_and_exports(tmp_path, tiny_model_dir):
     assert model.sample(rgb, steps=2).shape == (32, 32)
 
 
+def _tensors(module):
+    return {k: v.float() for k, v in module.state_dict().items()}
+
+
+def test_init_from_continues_an_exported_model(tmp_path, tiny_model_dir):
+    first = train_args(tmp_path, tiny_model_dir, ae_steps=2, unet_steps=2, export=str(tmp_path / 'model'))
+    first.func(first)
+    source = LDMSeg.load(str(tmp_path / 'model'))
+    same = train_args(tmp_path, tiny_model_dir, ae_steps=2, unet_steps=2, out=str(tmp_path / 'run2'),
+                      init_from=str(tmp_path / 'model'), export=str(tmp_path / 'same'))
+    same.func(same)                                   # nothing left to train: the export is the source
+    copy = LDMSeg.load(str(tmp_path / 'same'))
+    for a, b in ((source.unet, copy.unet), (source.mask_autoencoder, copy.mask_autoencoder)):
+        assert all(torch.equal(x, _tensors(b)[k]) for k, x in _tensors(a).items())
+    assert copy.config.mask_scaling == source.config.mask_scaling
+    more = train_args(tmp_path, tiny_model_dir, ae_steps=2, unet_steps=4, out=str(tmp_path / 'run2'),
+                      init_from=str(tmp_path / 'model'), export=str(tmp_path / 'more'))
+    more.func(more)                                   # resumes run2 at step 2, trains steps 3 and 4
+    trained = LDMSeg.load(str(tmp_path / 'more'))
+    assert trained.config.training['unet']['step'] == 4
+    assert not all(torch.equal(x, _tensors(trained.unet)[k]) for k, x in _tensors(source.unet).items())
+    assert '--init-from' in (tmp_path / 'more' / 'MODEL_CARD.md').read_text()
+
+
+def test_init_from_refuses_a_model_of_another_vae(tmp_path, tiny_model_dir):
+    from diffseg_ros.core.sd_models import ModelLoadError, save_tiny_random_model
+    other_sd = save_tiny_random_model(str(tmp_path / 'other-sd'), seed=1)
+    first = train_args(tmp_path, tiny_model_dir, ae_steps=2, unet_steps=1, export=str(tmp_path / 'model'))
+    first.func(first)
+    args = train_args(tmp_path, other_sd, ae_steps=2, unet_steps=2, out=str(tmp_path / 'run2'),
+                      init_from=str(tmp_path / 'model'))
+    with pytest.raises(ModelLoadError, match='another image VAE'):
+        args.func(args)
+    assert not (tmp_path / 'run2' / 'unet').exists()
+
+
 def test_eval_runs_end_to_end(tmp_path):
     tiny_random_ldmseg(seed=0, size=32).save(tmp_path / 'model')
     parser = argparse.ArgumentParser()

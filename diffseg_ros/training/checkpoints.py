@@ -24,16 +24,19 @@ def start_run(cfg):
 
 
 def save_stage(path, model, opt, step, metrics, extra=None):
-    """Write an atomic checkpoint of `model` (and `extra`) with the optimizer state and metrics."""
+    """Write an atomic checkpoint of `model` (and `extra`) with the optimizer state (if any) and metrics."""
     os.makedirs(path, exist_ok=True)
     tensors = {f'model.{k}': v.contiguous() for k, v in model.state_dict().items()}
     if extra is not None:
         tensors.update({f'extra.{k}': v.contiguous() for k, v in extra.state_dict().items()})
     save_file(tensors, os.path.join(path, 'weights.tmp'))
-    torch.save(opt.state_dict(), os.path.join(path, 'optimizer.tmp'))
+    files = [('weights', 'safetensors'), ('state', 'json')]
+    if opt is not None:
+        torch.save(opt.state_dict(), os.path.join(path, 'optimizer.tmp'))
+        files.append(('optimizer', 'pt'))
     with open(os.path.join(path, 'state.tmp'), 'w') as f:
         json.dump(dict(step=step, time=time.time(), **metrics), f)
-    for name, ext in (('weights', 'safetensors'), ('optimizer', 'pt'), ('state', 'json')):
+    for name, ext in files:
         os.replace(os.path.join(path, f'{name}.tmp'), os.path.join(path, f'{name}.{ext}'))
     with open(os.path.join(path, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(dict(step=step, **metrics)) + '\n')

@@ -12,6 +12,7 @@ Stages, each resumable from its folder in the run directory (weights.safetensors
                   min(SNR, 2) / SNR, self-conditioning on half of each batch
   5. export       fp16 LDMSeg folder (config.json, mask_autoencoder.safetensors, unet/, vae/, scheduler/)
 Batches and noise are seeded by (seed, step), so a resumed run draws what an uninterrupted one would.
+--init-from DIR seeds a new run with an exported folder (autoencoder, scaling, UNet) to train its UNet on.
 """
 from dataclasses import asdict, dataclass
 import argparse
@@ -49,6 +50,7 @@ class LDMSegTrainConfig:
     preload: bool = True           # keep all images and masks in memory (off for real COCO)
     sd_model: str = ''             # SD folder: the image VAE and the UNet initialisation ('' = embedded)
     init_from_sd: bool = True
+    init_from: str = ''            # exported LDMSeg folder a new run continues (autoencoder, scaling, UNet)
     size: int = 128
     seed: int = 0
     ae_widths: tuple = (16, 32, 64, 128)   # encoder widths, first log2(f) + 1 used (paper 32..256)
@@ -136,6 +138,38 @@ def mask_bits(segments, rng, device):
     """Random ids of a batch of compact masks, as (ids, bits) tensors."""
     ids = torch.from_numpy(random_ids(segments, rng)).to(device)
     return ids, ids_to_bits(ids)
+
+
+def continue_from(cfg, vae, ae, unet):
+    """Seed a new run with an exported LDMSeg folder's autoencoder, mask scaling, UNet and their steps.
+
+    A run that already has checkpoints resumes those instead. The UNet then trains on from the folder's
+    step up to --unet-steps (its cosine schedule follows the new total); the optimizer starts fresh. The
+    folder's image VAE must be --sd-model's (up to fp16 storage), or its denoiser would read other latents.
+    """
+    if stage_state(os.path.join(cfg.out, 'autoencoder')) or stage_state(os.path.join(cfg.out, 'unet')):
+        return
+    source = LDMSeg.load(cfg.init_from)
+    theirs = source.vae.state_dict()
+    if any(not torch.allclose(v, theirs[k].to(v), rtol=1e-3, atol=1e-3) if k in theirs else True
+           for k, v in vae.state_dict().items()):
+        raise ModelLoadError(f'--init-from {cfg.init_from} was trained with another image VAE than '
+                             f'--sd-model {resolve_model_path(cfg.sd_model)}')
+    try:
+        ae.load_state_dict(source.mask_autoencoder.state_dict())
+        unet.load_state_dict(source.unet.state_dict())
+    except RuntimeError as err:
+        raise ModelLoadError(f'--init-from {cfg.init_from} does not fit this run\'s models: '
+                             f'{str(err).splitlines()[0]}') from None
+    training = source.config.training
+    ae_state = training.get('autoencoder', {})
+    metrics = {k: v for k, v in ae_state.items() if k not in ('step', 'time')}
+    save_stage(os.path.join(cfg.out, 'autoencoder'), ae, None, ae_state.get('step', cfg.ae_steps),
+               dict(metrics, continued_from=source.path))
+    save_stage(os.path.join(cfg.out, 'unet'), unet, None, training.get('unet', {}).get('step', 0),
+               dict(continued_from=source.path))
+    with open(os.path.join(cfg.out, 'mask_scaling.json'), 'w') as f:
+        json.dump(dict(mask_scaling=source.config.mask_scaling, continued_from=source.path), f)
 
 
 # --- stage 1: autoencoder ----------------------------------------------------------------------------------
@@ -270,6 +304,8 @@ def train(cfg, export_dir=None):
     vae, sd_unet = load_sd_parts(cfg.sd_model, cfg.init_from_sd)
     vae.to(cfg.device)
     ae, unet = build_models(cfg, vae, sd_unet)
+    if cfg.init_from:
+        continue_from(cfg, vae, ae, unet)
     ae = train_autoencoder(cfg, ae, data)
     ae_state = stage_state(os.path.join(cfg.out, 'autoencoder'))
     tqdm.write(f"autoencoder: step {ae_state.get('step')}, "
