@@ -150,9 +150,10 @@ def continue_from(cfg, vae, ae, unet):
     if stage_state(os.path.join(cfg.out, 'autoencoder')) or stage_state(os.path.join(cfg.out, 'unet')):
         return
     source = LDMSeg.load(cfg.init_from)
-    theirs = source.vae.state_dict()
-    if any(not torch.allclose(v, theirs[k].to(v), rtol=1e-3, atol=1e-3) if k in theirs else True
-           for k, v in vae.state_dict().items()):
+    ours, theirs = vae.state_dict(), source.vae.state_dict()
+    same_vae = ours.keys() == theirs.keys() and all(
+        torch.allclose(v, theirs[k].to(v), rtol=1e-3, atol=1e-3) for k, v in ours.items())
+    if not same_vae:
         raise ModelLoadError(f'--init-from {cfg.init_from} was trained with another image VAE than '
                              f'--sd-model {resolve_model_path(cfg.sd_model)}')
     try:
