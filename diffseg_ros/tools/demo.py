@@ -262,7 +262,7 @@ class Planner:
         return [s for values in scores.values() for s in values]
 
 
-def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=6, method='', timeout=60.0, model='',
+def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=5, method='', timeout=60.0, model='',
              ldmseg_model=''):
     os.makedirs(out_dir, exist_ok=True)
     for old_log in glob.glob(os.path.join(out_dir, '*.log')):
@@ -351,7 +351,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser('demo', help='camera + node + planner over DDS with the embedded model')
     p.add_argument('--out', default='out/demo', help='folder for overlays and process logs')
     p.add_argument('--seed', type=int, default=DEMO_SEED, help='first scene seed to search for a red mug')
-    p.add_argument('--frames', type=int, default=6, help='answers scored per query set')
+    p.add_argument('--frames', type=int, default=5, help='answers scored per query set')
     p.add_argument('--method', default='', choices=['', 't2m', 'stableseg', 'cross'],
                    help="method of the plain queries; '' = the node's default, the model's recommendation "
                         "(personal queries always use t2m)")
