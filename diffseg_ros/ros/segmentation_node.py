@@ -95,9 +95,8 @@ class SegmentationNode(Node):
             self.engine = QueryEngine(self.config, personal_config(self.params), self.params['concepts_dir'])
         except ValueError as err:   # e.g. a layer index this UNet does not have
             raise ParameterError(str(err)) from None
-        method = self.engine.segmenter.config      # method '' became the model's recommendation
-        self.get_logger().info(f"method {method.method}{' + dense CRF' if method.crf else ''}")
-        self.info = self.engine.segmenter.describe()
+        self.info = self.engine.segmenter.describe()   # method '' became the model's recommendation
+        self.get_logger().info(f"method {self.info['method']}{' + dense CRF' if self.info['crf'] else ''}")
         self.stats = NodeStats()
         self.repeats = RepeatFilter()
         self.mailbox = Mailbox()
@@ -399,8 +398,8 @@ class SegmentationNode(Node):
         queries = [{'label': i, 'text': q.text, 'prompt': q.prompt, 'concept': q.concept or None,
                     'class_word': q.class_word or None} for i, q in enumerate(state.queries, start=1)]
         refused = [{'folder': folder, 'error': why} for folder, why in self.reload_report.refused.items()]
-        method = self.engine.segmenter.config
-        message = {'queries': queries, 'method': method.method, 'crf': method.crf, 'mode': state.mode,
+        message = {'queries': queries, 'method': self.info['method'], 'crf': self.info['crf'],
+                   'mode': state.mode,
                    'truncated': self.parsed.dropped + state.truncated,
                    'warnings': self.parsed.warnings + state.warnings,
                    'concepts': self.engine.concepts(), 'refused_concepts': refused}
