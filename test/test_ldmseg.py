@@ -214,6 +214,21 @@ def test_postprocess_threshold_and_min_area():
     assert strict[0, 0] == 0 and strict[1, 1] == 3
 
 
+def test_postprocess_fill_void_drops_splinters_and_fills_holes():
+    logits = torch.full((1, 128, 8, 8), -10.0)
+    logits[0, 1, :, :4] = 10.0               # id 1 on the left half, id 2 on the right half ...
+    logits[0, 2, :, 4:] = 10.0
+    logits[0, 2, 2, 1] = 30.0                # ... a one-pixel splinter of id 2 inside id 1
+    logits[0, 1, 6:, 5:] = 0.0               # and an unsure patch (all ids equal) inside id 2
+    logits[0, 2, 6:, 5:] = 0.0
+    paper = postprocess(logits, 0.5, 3)[0]
+    assert paper[2, 1] == 2 and (paper[6:, 5:] == 0).all()          # the paper keeps both
+    dense = postprocess(logits, 0.5, 3, fill_void=True)[0]
+    assert dense[2, 1] == 1                                        # the splinter joins its surroundings
+    assert (dense[6:, 5:] == 2).all() and (dense > 0).all()        # the hole takes the nearest id
+    assert (dense[:, :4] == 1).all() and (dense[:, 4:] == 2).all()
+
+
 # --- labels and projection ----------------------------------------------------------------------------------
 def test_label_remapping_round_trip():
     labels = np.array([[0, 5000, 5000, 7], [1003, 7, 0, 2 ** 40]])

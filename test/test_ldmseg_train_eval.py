@@ -13,7 +13,7 @@ from diffseg_ros.ldmseg.bits import ids_to_bits
 from diffseg_ros.ldmseg.data import random_ids
 from diffseg_ros.ldmseg.losses import reconstruction_loss
 from diffseg_ros.ldmseg.model import build_unet, make_scheduler, training_loss, unet_config
-from diffseg_ros.ldmseg.pipeline import tiny_random_ldmseg
+from diffseg_ros.ldmseg.pipeline import fill_from_nearest, tiny_random_ldmseg
 from diffseg_ros.tools import eval_ldmseg
 from diffseg_ros.training import train_ldmseg
 
@@ -165,9 +165,9 @@ def test_eval_runs_end_to_end(tmp_path):
 def test_nearest_fill_and_truth():
     sparse = np.zeros((5, 5), np.int64)
     sparse[0, 0], sparse[4, 4] = 3, 9
-    filled = eval_ldmseg.nearest_fill(sparse)
+    filled = fill_from_nearest(sparse)
     assert filled[1, 0] == 3 and filled[3, 4] == 9 and filled[0, 4] in (3, 9)
-    assert np.array_equal(eval_ldmseg.nearest_fill(np.zeros((2, 2), np.int64)), np.zeros((2, 2)))
+    assert np.array_equal(fill_from_nearest(np.zeros((2, 2), np.int64)), np.zeros((2, 2)))
     truth = eval_ldmseg.panoptic_truth(np.array([[0, 4], [0, 0]]), np.array([[2, 0], [0, 1]]))
     assert truth.tolist() == [[1002, 4], [0, 1001]]
 

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from scipy import ndimage
 from safetensors.torch import load_file, save_file
 
 from ..core.geometry import remap_labels, restore_labels
@@ -42,6 +43,7 @@ class LDMSegConfig:
     steps: int = 50
     mask_threshold: float = 0.5        # pixels whose top softmax probability is lower become void
     min_area: int = 32                 # segments smaller than this (pixels at `size`) become void
+    fill_void: bool = True             # dense output: drop pieces < min_area, void takes the nearest id
     known_min_fraction: float = DEFAULT_MIN_FRACTION  # share of known pixels that makes a latent cell known
     autoencoder: dict = field(default_factory=lambda: MaskAutoencoderConfig().to_dict())
     training: dict = field(default_factory=dict)       # provenance written by the trainer
@@ -53,18 +55,44 @@ class LDMSegConfig:
         return cls(**data)
 
 
-def postprocess(logits, threshold, min_area):
+def postprocess(logits, threshold, min_area, fill_void=False):
     """Turn logits into argmax ids (B, H, W) int64 with the paper's clean-up (0.5 and 512 px at 512 x 512).
 
     Pixels whose top softmax probability is under `threshold`, and ids covering fewer than `min_area` pixels,
-    become void (0).
+    become void (0). With `fill_void` (our addition, not the paper's), connected pieces under `min_area`
+    become void too, and every void pixel then takes the id of the nearest kept pixel: bit-coded ids leave
+    thin strips of stray ids along boundaries and splinters on textured objects, and a completed label image
+    should have no holes.
     """
     confidence, ids = logits.float().softmax(dim=1).max(dim=1)
     ids[confidence < threshold] = 0
     for image in ids:
         areas = torch.bincount(image.view(-1), minlength=logits.shape[1])
         image[areas[image] < min_area] = 0
+    if fill_void:
+        ids = torch.from_numpy(np.stack([fill_from_nearest(drop_small_pieces(i, min_area))
+                                         for i in ids.cpu().numpy()]))
     return ids
+
+
+def drop_small_pieces(ids, min_area):
+    """Set the 4-connected pieces of each id that cover fewer than `min_area` pixels to void (0)."""
+    out = ids.copy()
+    for segment in np.unique(ids[ids > 0]):
+        count, pieces, stats, _ = cv2.connectedComponentsWithStats((ids == segment).astype(np.uint8),
+                                                                   connectivity=4)
+        small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_area)
+        out[np.isin(pieces, small[small > 0])] = 0
+    return out
+
+
+def fill_from_nearest(ids):
+    """Give every void pixel the id of the nearest non-void pixel (all void stays void)."""
+    void = ids == 0
+    if void.all() or not void.any():
+        return ids
+    _, (rows, cols) = ndimage.distance_transform_edt(void, return_indices=True)
+    return ids[rows, cols]
 
 
 def _as_batch(array, ndim):
@@ -155,7 +183,8 @@ class LDMSeg:
     def decode_latents(self, latents):
         """Scaled mask latents -> post-processed ids (B, H, W) int64 at the working size (0 = void)."""
         logits = self.mask_autoencoder.decode(latents / self.config.mask_scaling)
-        return postprocess(logits, self.config.mask_threshold, self.config.min_area).cpu()
+        config = self.config
+        return postprocess(logits, config.mask_threshold, config.min_area, config.fill_void).cpu()
 
     def _generator(self, seed):
         return torch.Generator().manual_seed(int(seed))

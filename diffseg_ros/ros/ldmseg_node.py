@@ -119,6 +119,7 @@ class LDMSegNode(Node):
         if p['device'].startswith('cuda') and not torch.cuda.is_available():
             raise ParameterError(f"device is {p['device']} but no CUDA device is available")
         self.model = LDMSeg.load(p['model_path'], p['device'], p['dtype'])
+        self.model.config.fill_void = p['fill_void']
         self.stats, self.repeats, self.mailbox = LDMSegStats(), RepeatFilter(), Mailbox()
         self.pairer = StampPairer(p['depth_max_time_difference'])
         self.clouds, self.clouds_lock = deque(maxlen=4), threading.Lock()
@@ -296,6 +297,7 @@ class LDMSegNode(Node):
             'node': self.get_fully_qualified_name(),
             'model': getattr(self.model, 'path', ''), 'device': self.params['device'],
             'dtype': self.params['dtype'], 'steps': self.params['steps'],
+            'fill void': self.params['fill_void'],
             **timing_values(stats, self.get_clock().now()),
             'frames received': stats['received'], 'frames processed': stats['processed'],
             'frames dropped': stats['dropped'], 'frames rejected': stats['rejected'],

@@ -20,6 +20,9 @@ SPECS = (
     Spec('dtype', T.STRING, 'float32', 'model weights precision', constraints='float32 | float16 | bfloat16'),
     Spec('steps', T.INTEGER, 10, 'DDIM denoising steps per frame (the paper: PQ plateaus near 20)',
          read_only=False, constraints='1..1000'),
+    Spec('fill_void', T.BOOL, True,
+         'dense output: connected pieces under the minimum segment area are dropped and every unsure pixel '
+         "takes the nearest segment's id; false = the paper's post-processing (unsure pixels stay 0)"),
     Spec('seed', T.INTEGER, 0, 'seed of the initial noise, for reproducible completions', read_only=False,
          constraints='>= 0'),
     Spec('label_field', T.STRING, 'label',

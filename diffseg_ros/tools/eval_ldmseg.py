@@ -18,12 +18,12 @@ import json
 import os
 
 import numpy as np
-from scipy import ndimage
 from tqdm import tqdm
 
 from ..core.geometry import invert_pose
 from ..ldmseg import LDMSeg, lift_labels, project_labels
 from ..ldmseg.inpaint import block_drop_mask
+from ..ldmseg.pipeline import fill_from_nearest
 from ..ldmseg.metrics import match_segments, panoptic_quality
 from ..synthworld import camera_orbit, generate_scene, render, visible_objects
 from ..synthworld.export import STUFF_SEGMENT_OFFSET
@@ -43,15 +43,6 @@ def panoptic_truth(instances, stuff):
 
 def scene_truth(scene):
     return panoptic_truth(scene.instances, scene.stuff)
-
-
-def nearest_fill(sparse):
-    """Every pixel takes the label of the nearest labelled pixel (Euclidean distance transform)."""
-    known = sparse != 0
-    if not known.any():
-        return np.zeros_like(sparse)
-    _, (rows, cols) = ndimage.distance_transform_edt(~known, return_indices=True)
-    return sparse[rows, cols]
 
 
 def chunks(items, size):
@@ -86,7 +77,7 @@ def eval_sparsity(model, scenes, truths, drop_rates, blocks, steps, batch, seed)
                 labels = np.stack([sparse[i] for i in group])
                 completed += list(model.complete(images, labels, steps=steps, seed=seed))
             out['ldmseg'][str(block)][str(drop)] = panoptic_quality(completed, truths)
-            filled = [nearest_fill(s) for s in sparse]
+            filled = [fill_from_nearest(s) for s in sparse]
             out['nearest'][str(block)][str(drop)] = panoptic_quality(filled, truths)
             out['projected'][str(block)][str(drop)] = panoptic_quality(sparse, truths)
     return out
@@ -131,7 +122,7 @@ def propagate(views, K, fill):
 def eval_sequences(model, sequence_seeds, frames, steps, seed):
     out = {'ldmseg': [], 'nearest': [], 'projected': []}
     fills = {'ldmseg': lambda rgb, sparse: model.complete(rgb, sparse, steps=steps, seed=seed),
-             'nearest': lambda rgb, sparse: nearest_fill(sparse),
+             'nearest': lambda rgb, sparse: fill_from_nearest(sparse),
              'projected': lambda rgb, sparse: sparse}
     for scene_seed in tqdm(sequence_seeds, desc='sequences', leave=False):
         scene = generate_scene(scene_seed, width=model.config.size[0], height=model.config.size[1])
@@ -251,7 +242,7 @@ def example_rows(model, scenes, truths, steps, seed, drop=0.7, block=8, count=3)
                      'sample': model.sample(scene.rgb, steps=steps, seed=seed),
                      f'kept (d={drop}, B={block})': sparse,
                      'inpainted': model.complete(scene.rgb, sparse, steps=steps, seed=seed),
-                     'nearest fill': nearest_fill(sparse)})
+                     'nearest fill': fill_from_nearest(sparse)})
     return rows
 
 
@@ -260,11 +251,13 @@ def run(args):
     import torch
     torch.set_num_threads(args.threads)
     model = LDMSeg.load(args.model)
+    model.config.fill_void = args.fill_void
     width, height = model.config.size
     seeds = range(args.seed, args.seed + args.scenes)
     scenes = [generate_scene(s, width=width, height=height) for s in tqdm(seeds, desc='scenes', leave=False)]
     truths = [scene_truth(s) for s in scenes]
-    report = dict(model=getattr(model, 'path', ''), seed=args.seed, scenes=args.scenes, size=[width, height])
+    report = dict(model=getattr(model, 'path', ''), seed=args.seed, scenes=args.scenes, size=[width, height],
+                  fill_void=args.fill_void)
     if not args.skip_steps:
         report['steps'] = eval_steps(model, scenes, truths, args.steps_list, args.batch, args.sample_seed)
     if not args.skip_sparsity:
@@ -321,6 +314,8 @@ def add_parser(subparsers, name='ldmseg'):
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--skip-steps', action='store_true')
     p.add_argument('--skip-sparsity', action='store_true')
+    p.add_argument('--no-fill-void', dest='fill_void', action='store_false',
+                   help="the paper's post-processing: unsure pixels and small segments stay void")
     p.add_argument('--no-examples', dest='examples', action='store_false')
     p.set_defaults(func=main)
     return p

@@ -373,7 +373,7 @@ def write_model_card(path, cfg, model):
         f' {_number(unet, "loss_ema", 4)}; mask latent scaling {config.mask_scaling:.5g}',
         f'- inference defaults: {config.steps} DDIM steps (trailing), softmax >= {config.mask_threshold},'
         f' segments >= {config.min_area} px, a latent cell is known at >= {config.known_min_fraction:.0%}'
-        ' known pixels',
+        f' known pixels; fill_void {config.fill_void}',
         '', '## Evaluation', '', f'Run `diffseg eval ldmseg --model {path}` and record its numbers here.', '']
     with open(os.path.join(path, 'MODEL_CARD.md'), 'w') as f:
         f.write('\n'.join(lines))
