@@ -337,3 +337,13 @@ def test_segments_adopt_the_id_most_of_their_known_pixels_carry():
     assert (out[:, :3][known[:, :3] == 0] == 1).all()            # majority wins the rest of the segment
     assert (out[:, 3:][known[:, 3:] == 0] == 2).all()            # half is enough; a tie takes the smaller
     assert (adopt_known_ids(ids, np.zeros_like(known)) == ids).all()
+
+
+def test_known_segments_get_random_codes_and_added_segments_never_a_known_id():
+    from diffseg_ros.ldmseg.pipeline import codes_to_compact, random_codes
+    codes = random_codes(3, np.random.default_rng(0))
+    assert codes[0] == 0 and len(set(codes[1:])) == 3 and all(1 <= c <= 127 for c in codes[1:])
+    added = [c for c in (1, 2, 3, 4, 5) if c not in codes][:2]          # ids the model made up
+    model_ids = np.array([[0, codes[2], codes[1], added[0]], [added[1], codes[3], added[0], 0]])
+    compact = codes_to_compact(model_ids, codes)
+    assert compact.tolist() == [[0, 2, 1, 4], [5, 3, 4, 0]]             # known codes -> 1..3, the rest above

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..core.geometry import remap_labels, restore_labels
 from ..core.sd_models import DTYPES, ModelLoadError
 from .autoencoder import MaskAutoencoder, MaskAutoencoderConfig
+from .bits import NUM_IDS
 from .inpaint import DEFAULT_MIN_FRACTION, encode_known, known_cells
 from .model import ddim_sample, make_scheduler
 
@@ -219,9 +220,11 @@ class LDMSeg:
             known &= _as_batch(known_mask, 2)[0].astype(bool)
         height, width = images.shape[1:3]
         remapped = [remap_labels(np.where(k, lab, 0)) for k, lab in zip(known, labels)]
-        compact = np.stack([c for c, _ in remapped])
+        rng = np.random.default_rng(seed)
+        code_tables = [random_codes(len(table) - 1, rng) for _, table in remapped]
+        coded = np.stack([codes[c] for (c, _), codes in zip(remapped, code_tables)])
         work_images = np.stack([_resize(im, self.config.size, nearest=False) for im in images])
-        work_ids = np.stack([_resize(c, self.config.size, nearest=True) for c in compact])
+        work_ids = np.stack([_resize(c, self.config.size, nearest=True) for c in coded])
         work_known = torch.from_numpy(work_ids > 0)
         cells = known_cells(work_known, self.factor, self.config.known_min_fraction).to(self.device)
         known_latents = encode_known(self.mask_autoencoder, torch.from_numpy(work_ids), work_known,
@@ -231,9 +234,32 @@ class LDMSeg:
         ids = self.decode_latents(latents).numpy()
         ids = np.stack([_resize(i.astype(np.int32), (width, height), nearest=True) for i in ids])
         if keep_known:
-            ids = np.stack([adopt_known_ids(i, c) for i, c in zip(ids, compact)])
-        out = np.stack([restore_labels(i, table) for i, (_, table) in zip(ids, remapped)])
+            ids = np.stack([adopt_known_ids(i, c) for i, c in zip(ids, coded)])
+        out = np.stack([restore_labels(codes_to_compact(i, codes), table)
+                        for i, codes, (_, table) in zip(ids, code_tables, remapped)])
         return out[0] if single else out
+
+
+def random_codes(count, rng):
+    """Distinct random model ids in 1..127 for compact ids 1..count (entry 0 = void stays 0).
+
+    The model was trained with ids drawn at random for every image (`data.random_ids`); the compact ids
+    1, 2, 3, ... share most of their bits, so neighbouring known segments would look alike to it.
+    """
+    return np.concatenate([[0], 1 + rng.permutation(NUM_IDS - 1)[:count]]).astype(np.int64)
+
+
+def codes_to_compact(ids, codes):
+    """Map model ids to compact ids: a known segment's code to its compact id, any other id to a new one.
+
+    New compact ids lie above the known ones (in increasing model-id order), so a segment the model adds
+    never takes a known id.
+    """
+    lookup = np.zeros(NUM_IDS, np.int64)
+    lookup[codes[1:]] = np.arange(1, len(codes))
+    others = np.setdiff1d(np.unique(ids[ids > 0]), codes[1:])
+    lookup[others] = len(codes) + np.arange(len(others))
+    return lookup[ids]
 
 
 def adopt_known_ids(ids, known):
