@@ -35,8 +35,8 @@ def test_embedded_model_segments_held_out_scenes_above_floor():
 
 
 # `diffseg eval ldmseg`'s first 8 held-out scenes, 10 DDIM steps, 90 % of 16-px blocks dropped; measured
-# complete 0.426, unconditional 0.543, nearest fill 0.236 (0.254 / 0.364 with the paper's post-processing).
-LDMSEG_PQ_FLOOR = {'complete': 0.38, 'sample': 0.48}
+# complete 0.601, unconditional 0.543, nearest fill 0.236 (0.424 / 0.364 with fill_void off).
+LDMSEG_PQ_FLOOR = {'complete': 0.54, 'sample': 0.48}
 
 
 def test_embedded_ldmseg_completes_held_out_scenes_above_floor():
@@ -54,4 +54,4 @@ def test_embedded_ldmseg_completes_held_out_scenes_above_floor():
           'sample': panoptic_quality(list(model.sample(images, steps=10)), truths)['pq']}
     nearest = panoptic_quality([fill_from_nearest(s) for s in sparse], truths)['pq']
     assert all(pq[k] >= floor for k, floor in LDMSEG_PQ_FLOOR.items()), (pq, LDMSEG_PQ_FLOOR)
-    assert pq['complete'] >= nearest + 0.10, (pq, nearest)
+    assert pq['complete'] >= nearest + 0.25, (pq, nearest)

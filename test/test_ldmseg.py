@@ -146,6 +146,29 @@ def test_inpainting_keeps_known_latents_exactly(tiny):
     assert len(seen) == 4 and not torch.equal(seen[0][mask], known_latents[mask])   # re-noised on the way
 
 
+@pytest.mark.parametrize('with_known', [True, False])
+def test_resampling_repeats_each_step_where_labels_are_known(tiny, with_known):
+    image, calls = torch.randn(1, 4, 16, 16), []
+    cells = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+    cells[..., :8] = True
+    known_latents = torch.randn(1, 4, 16, 16)
+    forward = tiny.unet.forward
+    tiny.unet.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    try:
+        known = (cells, known_latents) if with_known else (None, None)
+        out = ddim_sample(tiny.unet, tiny.scheduler, image, 4, torch.Generator().manual_seed(0), *known,
+                          resample=3)
+    finally:
+        tiny.unet.forward = forward
+    assert len(calls) == (12 if with_known else 4)          # RePaint's passes only when labels are known
+    if with_known:
+        mask = cells.expand_as(out)
+        assert torch.equal(out[mask], known_latents[mask])
+        once = ddim_sample(tiny.unet, tiny.scheduler, image, 4, torch.Generator().manual_seed(0), cells,
+                           known_latents)
+        assert not torch.allclose(out[~mask], once[~mask])   # the extra passes change the completion
+
+
 def test_block_drop_mask_rate_and_blocks():
     mask = block_drop_mask(128, 128, 0.7, 16, np.random.default_rng(0))
     blocks = mask.reshape(8, 16, 8, 16).transpose(0, 2, 1, 3).reshape(64, -1)

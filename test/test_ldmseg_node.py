@@ -293,7 +293,7 @@ def test_synth_camera_cloud_completed(ros_client, start, tmp_path):
     try:
         topics = ('image', 'depth', 'camera_info', 'points')
         remaps = [f'{name}:={camera_ns}/camera/{name}' for name in topics]
-        node = start('fill_void:=false', remaps=remaps, inputs=False)
+        node = start('fill_void:=false', 'resample:=2', remaps=remaps, inputs=False)
         answers = wait_until(lambda: node.instances.count() >= 2 and node.labeled_points.count() >= 2)
         assert answers, f'no completed frames; logs:\n{process.log}\n{node.process.log}'
         instances = node.instances.messages[1]
@@ -310,7 +310,8 @@ def test_synth_camera_cloud_completed(ros_client, start, tmp_path):
         # The node pairs the image with the closest cloud it has: this frame's or, if that one came later
         # than the image, the previous one (the camera moved a little in between).
         assert (ids[truth != 0] == truth[truth != 0]).mean() > 0.7
-        assert node.wait_diagnostics(lambda v: True)['fill void'] == 'False'   # the paper's post-processing
+        settings = node.wait_diagnostics(lambda v: True)
+        assert (settings['fill void'], settings['resample']) == ('False', '2')
     finally:
         process.stop()
         for inbox in camera.values():
@@ -366,7 +367,7 @@ def test_remapped_feedback_the_node_reads_its_own_labeled_points(start, sequence
     waiting = node.wait_diagnostics(lambda v: int(v['frames waiting']) >= 1)
     expected = f'waiting for points on {node.namespace}/ldmseg/labeled_points'
     assert waiting is not None and waiting['waiting for'] == expected, waiting
-    assert waiting['fill void'] == 'True'                                # dense ids by default
+    assert (waiting['fill void'], waiting['resample']) == ('True', '1')  # defaults (the tiny model's 1)
     assert node.process.wait_for_log('nothing published for this image: waiting for points')
     assert node.instances.count() == 0
     node.points_pub.publish(truth_cloud(sequence[0], make_header(-1)))   # the seed

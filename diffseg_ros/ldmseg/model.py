@@ -132,22 +132,30 @@ def previous_alpha_bar(scheduler, t, steps):
 
 @torch.no_grad()
 def ddim_sample(unet, scheduler, image_latents, steps, generator=None, known_cells=None, known_latents=None,
-                callback=None):
+                callback=None, resample=1):
     """Sample mask latents for image latents (B, 4, h, w); paper algorithm 2, or 3 when known_* are given.
 
     known_cells: bool (B, 1, h, w); known_latents: (B, 4, h, w) scaled mask latents of the known mask.
-    callback(t, latents) runs after every step (tests, visualisation).
+    resample: with known cells, each step is taken `resample` times, the result re-noised back to the step's
+    noise level in between (RePaint's resampling, Lugmayr et al. 2022): the unknown cells get more passes to
+    agree with the known ones. callback(t, latents) runs after every step (tests, visualisation).
     """
     device, dtype = image_latents.device, image_latents.dtype
     latents = torch.randn(image_latents.shape, generator=generator).to(device, dtype)
     x0 = torch.zeros_like(latents)
+    passes = resample if known_cells is not None else 1
     for t in inference_timesteps(scheduler, steps):
-        eps = predict_noise(unet, latents, image_latents, x0, t)
-        x0 = predict_x0(scheduler, latents, eps, torch.tensor([t]))
-        if known_cells is not None:
-            x0 = torch.where(known_cells, known_latents, x0)
-        alpha_prev = previous_alpha_bar(scheduler, t, steps).to(device, dtype)
-        latents = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+        alpha, alpha_prev = (a.to(device, dtype) for a in (scheduler.alphas_cumprod[t],
+                                                           previous_alpha_bar(scheduler, t, steps)))
+        for attempt in range(passes):
+            if attempt:                                  # back to step t's noise level with fresh noise
+                noise = torch.randn(latents.shape, generator=generator).to(device, dtype)
+                latents = (alpha / alpha_prev).sqrt() * latents + (1 - alpha / alpha_prev).sqrt() * noise
+            eps = predict_noise(unet, latents, image_latents, x0, t)
+            x0 = predict_x0(scheduler, latents, eps, torch.tensor([t]))
+            if known_cells is not None:
+                x0 = torch.where(known_cells, known_latents, x0)
+            latents = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
         if callback is not None:
             callback(t, latents)
     return latents

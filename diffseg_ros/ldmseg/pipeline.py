@@ -42,6 +42,7 @@ class LDMSegConfig:
     image_scaling: float = 1.0         # image latent = VAE posterior mean x this
     mask_scaling: float = 1.0          # mask latent = mask encoder mean x this
     steps: int = 50
+    resample: int = 1                  # inpainting: passes per step (RePaint's resampling; 1 = the paper's)
     mask_threshold: float = 0.5        # pixels whose top softmax probability is lower become void
     min_area: int = 32                 # segments smaller than this (pixels at `size`) become void
     fill_void: bool = True             # dense output: drop pieces < min_area, void takes the nearest id
@@ -202,13 +203,15 @@ class LDMSeg:
         ids = np.stack([_resize(i, (width, height), nearest=True) for i in ids])
         return ids[0] if single else ids
 
-    def complete(self, image, sparse_labels, known_mask=None, steps=None, seed=0, keep_known=True):
+    def complete(self, image, sparse_labels, known_mask=None, steps=None, seed=0, keep_known=True,
+                 resample=None):
         """Dense instance ids from an image and sparse labels (paper algorithm 3), in the labels' id space.
 
         sparse_labels: (H, W) integer labels, 0 = unknown (any ids; up to 127 distinct are used);
         known_mask: optional bool (H, W) restricting which labelled pixels count as known;
         keep_known: each completed segment takes the id most of its known pixels carry, then every known
-        pixel keeps its given label. Batches: leading B on all arrays.
+        pixel keeps its given label; resample: passes per denoising step (None = config.resample).
+        Batches: leading B on all arrays.
         Returns int64 ids; 0 = void; segments not in the input get ids above the largest input label.
         Inputs of another size are resized to the working size (nearest for labels, so single scattered
         labelled pixels can be lost when downscaling: project sparse clouds at the working size).
@@ -230,7 +233,8 @@ class LDMSeg:
         known_latents = encode_known(self.mask_autoencoder, torch.from_numpy(work_ids), work_known,
                                      self.config.mask_scaling).to(self.dtype)
         latents = ddim_sample(self.unet, self.scheduler, self.encode_images(work_images),
-                              steps or self.config.steps, self._generator(seed), cells, known_latents)
+                              steps or self.config.steps, self._generator(seed), cells, known_latents,
+                              resample=resample or self.config.resample)
         ids = self.decode_latents(latents).numpy()
         ids = np.stack([_resize(i.astype(np.int32), (width, height), nearest=True) for i in ids])
         if keep_known:

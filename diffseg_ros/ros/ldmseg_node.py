@@ -199,7 +199,7 @@ class LDMSegNode(Node):
         self.stats.count('clouds')
 
     def _on_set_parameters(self, params):
-        """Accept runtime changes of steps, seed and max_time_difference after validating them."""
+        """Accept runtime changes of steps, resample, seed and max_time_difference after validating them."""
         values = dict(self.params, **{p.name: p.value for p in params if p.name in RUNTIME})
         try:
             validate(values)
@@ -263,7 +263,8 @@ class LDMSegNode(Node):
                                 self.cloud_to_camera)
         if not sparse.any():
             self._warn('no labelled point of the cloud falls into the image: completing without labels')
-        ids = self.model.complete(frame.rgb, sparse, steps=self.params['steps'], seed=self.params['seed'])
+        ids = self.model.complete(frame.rgb, sparse, steps=self.params['steps'], seed=self.params['seed'],
+                                  resample=self.params['resample'])
         if ids.max() > MAX_MONO16:
             self._report('failed', f'instance id {ids.max()} does not fit ~/instances (mono16, ids up to '
                                    f'{MAX_MONO16}); relabel the cloud with smaller ids')
@@ -297,6 +298,7 @@ class LDMSegNode(Node):
             'node': self.get_fully_qualified_name(),
             'model': getattr(self.model, 'path', ''), 'device': self.params['device'],
             'dtype': self.params['dtype'], 'steps': self.params['steps'],
+            'resample': self.params['resample'] or self.model.config.resample,
             'fill void': self.params['fill_void'],
             **timing_values(stats, self.get_clock().now()),
             'frames received': stats['received'], 'frames processed': stats['processed'],
