@@ -81,8 +81,8 @@ def drop_small_pieces(ids, min_area):
     """Set the 4-connected pieces of each id that cover fewer than `min_area` pixels to void (0)."""
     out = ids.copy()
     for segment in np.unique(ids[ids > 0]):
-        count, pieces, stats, _ = cv2.connectedComponentsWithStats((ids == segment).astype(np.uint8),
-                                                                   connectivity=4)
+        _, pieces, stats, _ = cv2.connectedComponentsWithStats((ids == segment).astype(np.uint8),
+                                                               connectivity=4)
         small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_area)
         out[np.isin(pieces, small[small > 0])] = 0
     return out
