@@ -12,7 +12,7 @@ from diffseg_ros.ldmseg.losses import sample_logits, uncertain_pixels
 from diffseg_ros.ldmseg.metrics import match_segments, panoptic_quality
 from diffseg_ros.ldmseg.model import (ddim_sample, inference_timesteps, loss_weights, make_scheduler, snr,
                                       unet_config_from_sd, build_unet, init_from_sd)
-from diffseg_ros.ldmseg.pipeline import postprocess, tiny_random_ldmseg
+from diffseg_ros.ldmseg.pipeline import assign_known_ids, postprocess, tiny_random_ldmseg
 
 torch.set_num_threads(1)
 
@@ -348,18 +348,61 @@ def test_unet_from_sd_copies_weights_and_zero_inits_extra_inputs(tiny_model_dir)
                                sd_unet.down_blocks[0].resnets[0].conv1.weight)
 
 
-def test_segments_adopt_the_id_most_of_their_known_pixels_carry():
-    from diffseg_ros.ldmseg.pipeline import adopt_known_ids
+def test_segments_take_the_label_most_of_their_known_pixels_carry():
     ids = np.zeros((6, 6), np.int32)
     ids[:, :3], ids[:, 3:] = 5, 9                  # two completed segments with fresh ids
     known = np.zeros((6, 6), np.int32)
     known[0, 0], known[2, 1], known[4, 0] = 1, 1, 2   # left segment: 2 of 3 known pixels say 1
-    known[1, 4], known[3, 5] = 2, 3                 # right segment: a tie between 2 and 3 (half each)
-    out = adopt_known_ids(ids, known)
+    known[1, 4], known[3, 5] = 2, 2                 # right segment: 2
+    out = assign_known_ids(ids, known)
     assert (out[known > 0] == known[known > 0]).all()            # known pixels keep their label
-    assert (out[:, :3][known[:, :3] == 0] == 1).all()            # majority wins the rest of the segment
-    assert (out[:, 3:][known[:, 3:] == 0] == 2).all()            # half is enough; a tie takes the smaller
-    assert (adopt_known_ids(ids, np.zeros_like(known)) == ids).all()
+    assert (out[:, :3][known[:, :3] == 0] == 1).all()            # the majority takes the rest of the segment
+    assert (out[:, 3:] == 2).all()
+    assert (assign_known_ids(ids, np.zeros_like(known)) == ids).all()
+
+
+def test_a_segment_holding_an_object_no_segment_took_is_split_by_nearest_known_pixel():
+    ids = np.full((4, 8), 5, np.int32)              # the sample merged two objects into one segment
+    known = np.zeros((4, 8), np.int32)
+    known[1, 0], known[2, 1], known[1, 7] = 1, 1, 2    # 1 owns it; no segment took 2
+    out = assign_known_ids(ids, known)
+    assert (out[:, :4] == 1).all() and (out[:, 5:] == 2).all()
+    ids[:, 6:] = 9                                  # now the sample draws object 2 on its own ...
+    known[:, 6:] = 2
+    known[0, 5] = 2                                 # ... and a known pixel of it spills into segment 5
+    out = assign_known_ids(ids, known)
+    assert (out[:, :6][known[:, :6] == 0] == 1).all() and out[0, 5] == 2 and (out[:, 6:] == 2).all()
+
+
+def test_vote_keeps_the_majority_and_the_first_samples_added_segments():
+    from diffseg_ros.ldmseg.pipeline import LDMSegConfig, vote_samples
+    samples = np.array([[[1, 1, 2, 40, 40, 1]],
+                        [[1, 2, 2, 50, 50, 60]],
+                        [[2, 1, 2, 60, 1, 60]]])     # known ids 1, 2; 40, 50, 60 added by each sample
+    config = LDMSegConfig(min_area=1, fill_void=False)
+    merged = vote_samples(samples, np.array([1, 2]), config)
+    assert merged.tolist() == [[1, 1, 2, 40, 40, 0]]   # added wins the last pixel, where sample 0 says 1
+    config.fill_void = True
+    assert vote_samples(samples, np.array([1, 2]), config).tolist() == [[1, 1, 2, 40, 40, 40]]
+
+
+def test_complete_draws_its_samples_in_one_batch(tiny):
+    rgb = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    sparse = np.zeros((32, 32), np.int64)
+    sparse[:8, :8], sparse[24:, 24:] = 3, 8
+    batches, forward = [], tiny.unet.forward
+    tiny.unet.forward = lambda sample, *a, **k: batches.append(len(sample)) or forward(sample, *a, **k)
+    try:
+        voted = tiny.complete(np.stack([rgb, rgb]), np.stack([sparse, sparse]), steps=2, samples=3)
+    finally:
+        tiny.unet.forward = forward
+    assert batches == [6, 6]                                       # 2 images x 3 samples, one pass per step
+    assert np.all(voted[:, sparse > 0] == sparse[sparse > 0])
+    again = tiny.complete(rgb, sparse, steps=2, samples=3)
+    assert np.array_equal(again, voted[0])                         # seeded: the same every time
+    assert np.array_equal(tiny.complete(rgb, sparse, steps=2), tiny.complete(rgb, sparse, steps=2, samples=1))
+    with pytest.raises(ValueError, match='samples must be >= 1'):
+        tiny.complete(rgb, sparse, steps=2, samples=-1)
 
 
 def test_known_segments_get_random_codes_and_added_segments_never_a_known_id():

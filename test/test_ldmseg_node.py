@@ -293,7 +293,7 @@ def test_synth_camera_cloud_completed(ros_client, start, tmp_path):
     try:
         topics = ('image', 'depth', 'camera_info', 'points')
         remaps = [f'{name}:={camera_ns}/camera/{name}' for name in topics]
-        node = start('fill_void:=false', 'resample:=2', remaps=remaps, inputs=False)
+        node = start('fill_void:=false', 'resample:=2', 'samples:=2', remaps=remaps, inputs=False)
         answers = wait_until(lambda: node.instances.count() >= 2 and node.labeled_points.count() >= 2)
         assert answers, f'no completed frames; logs:\n{process.log}\n{node.process.log}'
         instances = node.instances.messages[1]
@@ -311,7 +311,7 @@ def test_synth_camera_cloud_completed(ros_client, start, tmp_path):
         # than the image, the previous one (the camera moved a little in between).
         assert (ids[truth != 0] == truth[truth != 0]).mean() > 0.7
         settings = node.wait_diagnostics(lambda v: True)
-        assert (settings['fill void'], settings['resample']) == ('False', '2')
+        assert (settings['fill void'], settings['resample'], settings['samples']) == ('False', '2', '2')
     finally:
         process.stop()
         for inbox in camera.values():
@@ -367,7 +367,7 @@ def test_remapped_feedback_the_node_reads_its_own_labeled_points(start, sequence
     waiting = node.wait_diagnostics(lambda v: int(v['frames waiting']) >= 1)
     expected = f'waiting for points on {node.namespace}/ldmseg/labeled_points'
     assert waiting is not None and waiting['waiting for'] == expected, waiting
-    assert (waiting['fill void'], waiting['resample']) == ('True', '1')  # defaults (the tiny model's 1)
+    assert (waiting['fill void'], waiting['resample'], waiting['samples']) == ('True', '1', '1')  # defaults
     assert node.process.wait_for_log('nothing published for this image: waiting for points')
     assert node.instances.count() == 0
     node.points_pub.publish(truth_cloud(sequence[0], make_header(-1)))   # the seed

@@ -222,6 +222,7 @@ def test_cloud_to_camera_is_read_row_major():
     ({'cloud_to_camera': (2 * np.eye(4)).reshape(-1).tolist()}, 'cloud_to_camera must be a rigid transform'),
     ({'steps': 0}, 'steps must be 1..1000, got 0'),
     ({'resample': 21}, 'resample must be 0..20, got 21'),
+    ({'samples': 17}, 'samples must be 0..16, got 17'),
     ({'label_field': 'z'}, 'label_field must name a field other than x, y, z'),
     ({'max_time_difference': -1.0}, 'max_time_difference must be >= 0'),
     ({'qos.points.reliability': 'sometimes'}, "qos.points.reliability must be 'best_effort' or 'reliable'"),

@@ -147,9 +147,11 @@ def test_eval_runs_end_to_end(tmp_path):
     args = parser.parse_args(['ldmseg', '--model', str(tmp_path / 'model'), '--out', str(tmp_path / 'eval'),
                               '--scenes', '2', '--steps', '2', '--steps-list', '2', '3',
                               '--drop-rates', '0.5', '0.9', '--blocks', '4', '8', '--sequences', '1',
-                              '--frames', '3', '--sequence-steps', '2', '--batch', '2', '--threads', '1'])
+                              '--frames', '3', '--sequence-steps', '2', '--batch', '2', '--threads', '1',
+                              '--samples', '2'])
     assert args.func(args) == 0
     report = json.loads((tmp_path / 'eval' / 'report.json').read_text())
+    assert report['inference']['samples'] == 2 and report['inference']['fill_void'] is True
     assert set(report['steps']) == {'2', '3'}
     assert set(report['sparsity']) == {'ldmseg', 'nearest', 'projected'}
     assert set(report['sparsity']['nearest']['8']) == {'0.5', '0.9'}

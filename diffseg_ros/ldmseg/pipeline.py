@@ -43,6 +43,7 @@ class LDMSegConfig:
     mask_scaling: float = 1.0          # mask latent = mask encoder mean x this
     steps: int = 50
     resample: int = 1                  # inpainting: passes per step (RePaint's resampling; 1 = the paper's)
+    samples: int = 1                   # inpainting: samples merged by per-pixel vote (1 = the paper's)
     mask_threshold: float = 0.5        # pixels whose top softmax probability is lower become void
     min_area: int = 32                 # segments smaller than this (pixels at `size`) become void
     fill_void: bool = True             # dense output: drop pieces < min_area, void takes the nearest id
@@ -72,9 +73,13 @@ def postprocess(logits, threshold, min_area, fill_void=False):
         areas = torch.bincount(image.view(-1), minlength=logits.shape[1])
         image[areas[image] < min_area] = 0
     if fill_void:
-        ids = torch.from_numpy(np.stack([fill_from_nearest(drop_small_pieces(i, min_area))
-                                         for i in ids.cpu().numpy()]))
+        ids = torch.from_numpy(np.stack([make_dense(i, min_area) for i in ids.cpu().numpy()]))
     return ids
+
+
+def make_dense(ids, min_area):
+    """Drop pieces under `min_area` and give every void pixel the nearest id (`fill_void`)."""
+    return fill_from_nearest(drop_small_pieces(ids, min_area))
 
 
 def drop_small_pieces(ids, min_area):
@@ -204,13 +209,14 @@ class LDMSeg:
         return ids[0] if single else ids
 
     def complete(self, image, sparse_labels, known_mask=None, steps=None, seed=0, keep_known=True,
-                 resample=None):
+                 resample=None, samples=None):
         """Dense instance ids from an image and sparse labels (paper algorithm 3), in the labels' id space.
 
         sparse_labels: (H, W) integer labels, 0 = unknown (any ids; up to 127 distinct are used);
         known_mask: optional bool (H, W) restricting which labelled pixels count as known;
-        keep_known: each completed segment takes the id most of its known pixels carry, then every known
-        pixel keeps its given label; resample: passes per denoising step (None = config.resample).
+        keep_known: completed segments take the known labels inside them (`assign_known_ids`) and every
+        known pixel keeps its given label; resample: passes per denoising step (None = config.resample);
+        samples: samples drawn (one batch) and merged by `vote_samples` (None = config.samples).
         Batches: leading B on all arrays.
         Returns int64 ids; 0 = void; segments not in the input get ids above the largest input label.
         Inputs of another size are resized to the working size (nearest for labels, so single scattered
@@ -222,26 +228,41 @@ class LDMSeg:
         if known_mask is not None:
             known &= _as_batch(known_mask, 2)[0].astype(bool)
         height, width = images.shape[1:3]
+        samples = samples or self.config.samples
+        if samples < 1:
+            raise ValueError(f'samples must be >= 1, got {samples}')
         remapped = [remap_labels(np.where(k, lab, 0)) for k, lab in zip(known, labels)]
+        # every sample codes the known labels with its own random ids: the samples then differ more
         rng = np.random.default_rng(seed)
-        code_tables = [random_codes(len(table) - 1, rng) for _, table in remapped]
-        coded = np.stack([codes[c] for (c, _), codes in zip(remapped, code_tables)])
-        work_images = np.stack([_resize(im, self.config.size, nearest=False) for im in images])
-        work_ids = np.stack([_resize(c, self.config.size, nearest=True) for c in coded])
-        work_known = torch.from_numpy(work_ids > 0)
-        cells = known_cells(work_known, self.factor, self.config.known_min_fraction).to(self.device)
-        known_latents = encode_known(self.mask_autoencoder, torch.from_numpy(work_ids), work_known,
-                                     self.config.mask_scaling).to(self.dtype)
-        latents = ddim_sample(self.unet, self.scheduler, self.encode_images(work_images),
-                              steps or self.config.steps, self._generator(seed), cells, known_latents,
-                              resample=resample or self.config.resample)
-        ids = self.decode_latents(latents).numpy()
+        code_tables = [random_codes(len(table) - 1, rng) for _, table in remapped for _ in range(samples)]
+        compact = [c for c, _ in remapped for _ in range(samples)]
+        coded = np.stack([codes[c] for c, codes in zip(compact, code_tables)])
+        ids = self.decode_latents(self._inpaint(images, coded, steps, seed, resample)).numpy()
         ids = np.stack([_resize(i.astype(np.int32), (width, height), nearest=True) for i in ids])
         if keep_known:
-            ids = np.stack([adopt_known_ids(i, c) for i, c in zip(ids, coded)])
-        out = np.stack([restore_labels(codes_to_compact(i, codes), table)
-                        for i, codes, (_, table) in zip(ids, code_tables, remapped)])
+            ids = np.stack([assign_known_ids(i, c) for i, c in zip(ids, coded)])
+        ids = np.stack([codes_to_compact(i, codes) for i, codes in zip(ids, code_tables)])
+        out = []
+        for drawn, (known_compact, table) in zip(ids.reshape(len(images), samples, height, width), remapped):
+            merged = vote_samples(drawn, np.arange(1, len(table)), self.config) if samples > 1 else drawn[0]
+            if keep_known:
+                merged = np.where(known_compact > 0, known_compact, merged)
+            out.append(restore_labels(merged, table))
+        out = np.stack(out)
         return out[0] if single else out
+
+    def _inpaint(self, images, coded, steps, seed, resample):
+        """Mask latents completing coded known ids (one row each); images repeat to match their rows."""
+        work_images = np.stack([_resize(im, self.config.size, nearest=False) for im in images])
+        work_ids = torch.from_numpy(np.stack([_resize(c, self.config.size, nearest=True) for c in coded]))
+        work_known = work_ids > 0
+        cells = known_cells(work_known, self.factor, self.config.known_min_fraction).to(self.device)
+        known_latents = encode_known(self.mask_autoencoder, work_ids, work_known,
+                                     self.config.mask_scaling).to(self.dtype)
+        image_latents = self.encode_images(work_images).repeat_interleave(len(coded) // len(images), dim=0)
+        return ddim_sample(self.unet, self.scheduler, image_latents, steps or self.config.steps,
+                           self._generator(seed), cells, known_latents,
+                           resample=resample or self.config.resample)
 
 
 def random_codes(count, rng):
@@ -266,22 +287,43 @@ def codes_to_compact(ids, codes):
     return lookup[ids]
 
 
-def adopt_known_ids(ids, known):
-    """Relabel each segment of `ids` to the label most of its known pixels carry; known pixels keep theirs.
+def assign_known_ids(ids, known):
+    """Give the segments of one sample the known labels inside them; known pixels keep theirs.
 
-    ids, known: (H, W) compact ids (0 = void / unknown). A segment changes id only when one known label
-    covers at least half of its known pixels. Voting first means scattered known pixels extend the segment
-    they fall in instead of standing apart from it as splinters of another id.
+    ids, known: (H, W) in one id space (0 = void / unknown). A segment takes the label at least half of its
+    known pixels carry. A known label that no segment took is an object the sample merged into a neighbour:
+    the segment holding it is split among its own label and such labels, every pixel going to the nearest
+    of their known pixels. Labels taken elsewhere only keep their known pixels, so a known block straddling
+    a boundary does not claim the neighbour's segment.
     """
+    held_by = {segment: np.unique(known[(ids == segment) & (known > 0)], return_counts=True)
+               for segment in np.unique(ids[(known > 0) & (ids > 0)])}
+    owner = {segment: labels[counts.argmax()] for segment, (labels, counts) in held_by.items()
+             if counts.max() * 2 >= counts.sum()}
+    taken = set(owner.values())
     out = ids.copy()
-    inside = (known > 0) & (ids > 0)
-    pairs, counts = np.unique(np.stack([ids[inside], known[inside]]), axis=1, return_counts=True)
-    for segment in np.unique(pairs[0]) if pairs.size else []:
-        mine = pairs[0] == segment
-        best = np.argmax(np.where(mine, counts, -1))
-        if counts[best] * 2 >= counts[mine].sum():
-            out[ids == segment] = pairs[1, best]
+    for segment, (labels, _) in held_by.items():
+        inside = ids == segment
+        seeds = [label for label in labels if label not in taken or label == owner.get(segment)]
+        held = np.where(inside & np.isin(known, seeds or labels), known, 0)
+        out[inside] = fill_from_nearest(held)[inside]
     return np.where(known > 0, known, out)
+
+
+def vote_samples(samples, known_ids, config):
+    """Merge samples (K, H, W) of one image into one id map by per-pixel majority.
+
+    Known ids mean the same object in every sample; ids the model added do not (each sample draws its own),
+    so they vote as one 'added' class. Where that class wins, the first sample's added segments are kept;
+    pixels the first sample gave a known id stay void, filled from the nearest id with `fill_void`.
+    """
+    samples = np.asarray(samples)
+    added = (samples != 0) & ~np.isin(samples, known_ids)
+    votes = np.where(added, -1, samples)
+    candidates = np.unique(votes)
+    winner = candidates[np.stack([(votes == c).sum(0) for c in candidates]).argmax(0)]
+    merged = np.where(winner == -1, np.where(added[0], samples[0], 0), winner)
+    return make_dense(merged, config.min_area) if config.fill_void else merged
 
 
 def tiny_random_ldmseg(seed=0, size=32):

@@ -199,7 +199,7 @@ class LDMSegNode(Node):
         self.stats.count('clouds')
 
     def _on_set_parameters(self, params):
-        """Accept runtime changes of steps, resample, seed and max_time_difference after validating them."""
+        """Accept runtime changes of steps, resample, samples, seed and max_time_difference once validated."""
         values = dict(self.params, **{p.name: p.value for p in params if p.name in RUNTIME})
         try:
             validate(values)
@@ -264,7 +264,7 @@ class LDMSegNode(Node):
         if not sparse.any():
             self._warn('no labelled point of the cloud falls into the image: completing without labels')
         ids = self.model.complete(frame.rgb, sparse, steps=self.params['steps'], seed=self.params['seed'],
-                                  resample=self.params['resample'])
+                                  resample=self.params['resample'], samples=self.params['samples'])
         if ids.max() > MAX_MONO16:
             self._report('failed', f'instance id {ids.max()} does not fit ~/instances (mono16, ids up to '
                                    f'{MAX_MONO16}); relabel the cloud with smaller ids')
@@ -299,6 +299,7 @@ class LDMSegNode(Node):
             'model': getattr(self.model, 'path', ''), 'device': self.params['device'],
             'dtype': self.params['dtype'], 'steps': self.params['steps'],
             'resample': self.params['resample'] or self.model.config.resample,
+            'samples': self.params['samples'] or self.model.config.samples,
             'fill void': self.params['fill_void'],
             **timing_values(stats, self.get_clock().now()),
             'frames received': stats['received'], 'frames processed': stats['processed'],

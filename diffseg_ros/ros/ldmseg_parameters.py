@@ -1,8 +1,8 @@
 """ROS parameters of the ldmseg node: declaration with descriptions, validation, the cloud transform.
 
-The model-shaping parameters are read-only; steps, resample, seed and the time limits can be changed at
-runtime (`ros2 param set /ldmseg steps 20`). tf2 is not installable here, so `cloud_to_camera` is the one
-place a transform enters the node.
+The model-shaping parameters are read-only; steps, resample, samples, seed and the time limits can be
+changed at runtime (`ros2 param set /ldmseg steps 20`). tf2 is not installable here, so `cloud_to_camera`
+is the one place a transform enters the node.
 """
 import numpy as np
 from rclpy.parameter import Parameter
@@ -24,6 +24,10 @@ SPECS = (
          "passes per denoising step where labels are known (RePaint's resampling: more agreement between "
          "known and completed segments, proportionally more compute); 0 = the model's setting "
          '(3 for the embedded model), 1 = the paper', read_only=False, constraints='0..20'),
+    Spec('samples', T.INTEGER, 0,
+         'completions drawn per frame (one batch) and merged by per-pixel vote: better boundaries, '
+         "proportionally more compute; 0 = the model's setting (3 for the embedded model), 1 = the paper",
+         read_only=False, constraints='0..16'),
     Spec('fill_void', T.BOOL, True,
          'dense output: connected pieces under the minimum segment area are dropped and every unsure pixel '
          "takes the nearest segment's id; false = the paper's post-processing (unsure pixels stay 0)"),
@@ -84,6 +88,7 @@ def validate(values):
         (values['dtype'] in DTYPES, f"dtype must be one of {sorted(DTYPES)}, got {values['dtype']!r}"),
         (1 <= values['steps'] <= 1000, f"steps must be 1..1000, got {values['steps']}"),
         (0 <= values['resample'] <= 20, f"resample must be 0..20, got {values['resample']}"),
+        (0 <= values['samples'] <= 16, f"samples must be 0..16, got {values['samples']}"),
         (values['seed'] >= 0, f"seed must be >= 0, got {values['seed']}"),
         (values['label_field'] not in ('', 'x', 'y', 'z'),
          f"label_field must name a field other than x, y, z, got {values['label_field']!r}"),

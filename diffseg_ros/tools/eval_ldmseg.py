@@ -252,12 +252,15 @@ def run(args):
     torch.set_num_threads(args.threads)
     model = LDMSeg.load(args.model)
     model.config.fill_void = args.fill_void
+    model.config.samples = args.samples or model.config.samples
     width, height = model.config.size
     seeds = range(args.seed, args.seed + args.scenes)
     scenes = [generate_scene(s, width=width, height=height) for s in tqdm(seeds, desc='scenes', leave=False)]
     truths = [scene_truth(s) for s in scenes]
+    inference = {name: getattr(model.config, name)
+                 for name in ('resample', 'samples', 'mask_threshold', 'min_area', 'fill_void')}
     report = dict(model=getattr(model, 'path', ''), seed=args.seed, scenes=args.scenes, size=[width, height],
-                  fill_void=args.fill_void)
+                  inference=inference)
     if not args.skip_steps:
         report['steps'] = eval_steps(model, scenes, truths, args.steps_list, args.batch, args.sample_seed)
     if not args.skip_sparsity:
@@ -316,6 +319,8 @@ def add_parser(subparsers, name='ldmseg'):
     p.add_argument('--skip-sparsity', action='store_true')
     p.add_argument('--no-fill-void', dest='fill_void', action='store_false',
                    help="the paper's post-processing: unsure pixels and small segments stay void")
+    p.add_argument('--samples', type=int, default=0,
+                   help="inpainting samples merged by vote (0 = the model's setting, 1 = the paper's)")
     p.add_argument('--no-examples', dest='examples', action='store_false')
     p.set_defaults(func=main)
     return p
