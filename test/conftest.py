@@ -34,7 +34,7 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(scope='session')
 def tiny_model_dir(tmp_path_factory):
     """Build a seeded tiny random SD-architecture model as a diffusers folder, once per session."""
-    from diffseg_ros.core.sd_models import save_tiny_random_model
+    from tiny_models import save_tiny_random_model
     return save_tiny_random_model(str(tmp_path_factory.mktemp('tiny-sd')), seed=0)
 
 

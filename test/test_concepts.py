@@ -12,9 +12,10 @@ from diffseg_ros.core.concepts import (KV_FILE, Concept, ConceptError, ConceptLi
                                        load_concepts, safe_folder_name, save_concept, text_attention_modules)
 from diffseg_ros.core.methods.common import query_cross_maps
 from diffseg_ros.core.prompts import compose_prompt
-from diffseg_ros.core.sd_models import build_sd_components, tiny_configs
+from diffseg_ros.core.sd_models import build_sd_components
 from diffseg_ros.core.segmenter import Segmenter, SegmenterConfig
-from diffseg_ros.training.custom_diffusion import ConceptTrainer, LearnSettings
+from diffseg_ros.core.concept_learning import ConceptTrainer, LearnSettings
+from tiny_models import tiny_configs
 
 FAST = LearnSettings(steps=3, batch=2, size=32, class_count=2, sample_steps=2, seed=0)
 
@@ -68,8 +69,8 @@ def cross_maps(sd, prompt_queries, image_seed=0):
     seg.set_queries(prompt_queries)
     rgb = np.random.default_rng(image_seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     frame = seg.attend(rgb)
-    size = frame.capture.layer_size(frame.capture.cross[seg.cross_layers[0]].shape[1])
-    return query_cross_maps(frame.capture, seg.cross_layers, frame.spans, size)[0]
+    size = frame.capture.layer_size(frame.capture.cross[seg.settings.cross_layers[0]].shape[1])
+    return query_cross_maps(frame.capture, seg.settings.cross_layers, frame.spans, size)[0]
 
 
 def model_state(sd):

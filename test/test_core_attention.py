@@ -9,7 +9,7 @@ from diffseg_ros.core.attention import (AttentionCapture, LayerQK, propagate, re
 from diffseg_ros.core.methods import stableseg, t2m
 from diffseg_ros.core.methods.common import minmax
 
-# REFERENCE.md section 2: SD 1.x transformer blocks in forward order and their size at 512 px input.
+# SD 1.x transformer blocks in forward order and their size at 512 px input (as T2M numbers them).
 SD15_TABLE = [
     ('down_blocks.0.attentions.0', 64), ('down_blocks.0.attentions.1', 64),
     ('down_blocks.1.attentions.0', 32), ('down_blocks.1.attentions.1', 32),

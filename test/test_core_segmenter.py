@@ -9,10 +9,12 @@ import torch
 from transformers import CLIPTokenizer
 
 from diffseg_ros.core.prompts import compose_prompt
-from diffseg_ros.core.sd_models import ModelLoadError, load_sd_components, save_tiny_random_model
+from diffseg_ros.core.model_folder import ModelLoadError
+from diffseg_ros.core.sd_models import load_sd_components
 from diffseg_ros.core.segmenter import Segmenter, SegmenterConfig, clean_queries
 from diffseg_ros.core.methods import METHODS
 from diffseg_ros.core.methods.stableseg import merge_query_tokens
+from tiny_models import save_tiny_random_model
 
 
 @pytest.fixture(scope='module')
@@ -125,13 +127,14 @@ def test_model_defaults_file_sets_size_words_and_per_method_timestep_and_layers(
         'image_size': 96, 'background_words': ['table'],
         'methods': {'t2m': {'timestep': 40, 'cross': [2], 'self': ['up_blocks.2.attentions.0']}}}))
     seg = Segmenter(SegmenterConfig(model_path=str(folder), method='t2m'))
-    assert seg.image_size == 96 and seg.background_words == ('table',) and seg.timestep == 40
-    assert seg.cross_layers == ['mid_block.attentions.0'] and seg.self_layers == ['up_blocks.2.attentions.0']
+    s = seg.settings
+    assert s.image_size == 96 and s.background_words == ('table',) and s.timestep == 40
+    assert s.cross_layers == ('mid_block.attentions.0',) and s.self_layers == ('up_blocks.2.attentions.0',)
     configured = Segmenter(SegmenterConfig(model_path=str(folder), method='t2m', timestep=7,
-                                           cross_layers=(1,)))
-    assert configured.timestep == 7 and configured.cross_layers != seg.cross_layers
-    other = Segmenter(SegmenterConfig(model_path=str(folder), method='stableseg'))   # no entry: papers'
-    papers = Segmenter(SegmenterConfig(model_path=model_dir, method='stableseg'))
+                                           cross_layers=(1,))).settings
+    assert configured.timestep == 7 and configured.cross_layers != s.cross_layers
+    other = Segmenter(SegmenterConfig(model_path=str(folder), method='stableseg')).settings   # papers'
+    papers = Segmenter(SegmenterConfig(model_path=model_dir, method='stableseg')).settings
     assert other.timestep == 1 and other.cross_layers == papers.cross_layers
 
 
@@ -145,17 +148,20 @@ def test_no_method_takes_the_models_recommended_method_and_crf(model_dir, tmp_pa
     folder = _with_defaults(model_dir, tmp_path / 'recommends', {
         'method': 'stableseg', 'crf': True, 'methods': {'stableseg': {'timestep': 30}}})
     seg = Segmenter(SegmenterConfig(model_path=folder, image_size=64))
-    assert (seg.config.method, seg.config.crf, seg.timestep) == ('stableseg', True, 30)
+    assert (seg.settings.method, seg.settings.crf, seg.settings.timestep) == ('stableseg', True, 30)
     assert seg.method is METHODS['stableseg']
     assert seg.describe()['method'] == 'stableseg' and seg.describe()['crf'] is True
     result = seg.segment(frame(), ['mug'])
     assert result.labels.shape == (48, 80)
     seg.set_config(SegmenterConfig(model_path=folder, image_size=64, background_threshold=0.3))  # at runtime
-    assert (seg.config.method, seg.config.crf, seg.config.background_threshold) == ('stableseg', True, 0.3)
+    assert (seg.settings.method, seg.settings.crf, seg.config.background_threshold) == (
+        'stableseg', True, 0.3)
+    seg.set_config(SegmenterConfig(model_path=folder, image_size=96, method='cross'))   # all re-resolved
+    assert (seg.settings.method, seg.settings.image_size, seg.method) == ('cross', 96, METHODS['cross'])
     explicit = Segmenter(SegmenterConfig(model_path=folder, method='t2m', image_size=64))
-    assert (explicit.config.method, explicit.config.crf) == ('t2m', False)    # an explicit method wins
+    assert (explicit.settings.method, explicit.settings.crf) == ('t2m', False)    # an explicit method wins
     plain = Segmenter(SegmenterConfig(model_path=model_dir, image_size=64))  # no recommendation: T2M
-    assert (plain.config.method, plain.config.crf) == ('t2m', False)
+    assert (plain.settings.method, plain.settings.crf) == ('t2m', False)
 
 
 def test_a_bad_defaults_file_is_a_clear_model_error(model_dir, tmp_path):

@@ -19,7 +19,24 @@ def test_demo_runs_every_stage(tmp_path):
     assert done.returncode == 0, log[-4000:]
     assert 'planner: confirmed by the node' in log
     assert 'red mug (request 1)' in log and 'mean IoU' in log
-    assert "'my mug' learned from the camera: right instance in" in log
+    assert "'my mug' learned from the camera: right instance in 1 of 1 answers" in log
+    assert 'FAILED' not in log
     assert 'LDMSeg label completion: object PQ' in log
     assert any(name.startswith('overlay_') for name in os.listdir(out))
     assert os.listdir(out / 'concepts'), 'the learned concept was not saved'
+
+
+def test_demo_summary_fails_on_a_wrong_answer_or_a_low_score(capsys):
+    from diffseg_ros.tools.demo import summarise
+    good = dict(results={'red mug (request 1)': [0.8, 0.6]}, personal=[True] * 5,
+                labels=[dict(pq=0.8, mean_iou=0.7, id_consistency=1.0)], method='cross', saved=3,
+                out_dir='out')
+    assert summarise(**good) == 0
+    assert summarise(**dict(good, personal=[False])) == 1                       # the wrong mug
+    assert summarise(**dict(good, personal=[True, True, True, False, False])) == 1
+    assert summarise(**dict(good, personal=[])) == 1                            # never answered
+    assert summarise(**dict(good, results={'red mug (request 1)': [0.05]})) == 1
+    assert summarise(**dict(good, results={'red mug (request 1)': []})) == 1
+    assert summarise(**dict(good, labels=[dict(pq=0.2, mean_iou=0.1, id_consistency=1.0)])) == 1
+    assert summarise(**dict(good, labels=[])) == 1
+    assert 'FAILED' in capsys.readouterr().out

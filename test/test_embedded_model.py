@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from diffseg_ros.core.sd_models import EMBEDDED_MODEL, load_sd_components, missing_parts
+from diffseg_ros.core.model_folder import missing_parts
+from diffseg_ros.core.sd_models import EMBEDDED_MODEL, load_sd_components, REQUIREMENTS
 from diffseg_ros.core.segmenter import Segmenter, SegmenterConfig
 from diffseg_ros.ldmseg import EMBEDDED_LDMSEG, LDMSeg
 from diffseg_ros.ldmseg.inpaint import block_drop_mask
@@ -18,7 +19,7 @@ MIOU_FLOOR = {'stableseg': 0.50, 't2m': 0.38, 'cross': 0.47}   # measured 0.552,
 
 
 def test_embedded_model_is_complete_fp16_and_small():
-    assert missing_parts(EMBEDDED_MODEL) == []
+    assert missing_parts(EMBEDDED_MODEL, REQUIREMENTS) == []
     sd = load_sd_components('')          # '' = the embedded model
     assert sd.path == EMBEDDED_MODEL
     assert sd.unet.config.cross_attention_dim == sd.text_encoder.config.hidden_size

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg_ros.core.sd_models import build_sd_components, tiny_configs
+from diffseg_ros.core.sd_models import build_sd_components
 from diffseg_ros.synthworld.synthmug import build_scene, distractors, make_pool, training_views
 from diffseg_ros.tools import eval_personal
-from diffseg_ros.training.custom_diffusion import LearnSettings
+from diffseg_ros.core.concept_learning import LearnSettings
+from tiny_models import tiny_configs
 
 
 def test_pool_holds_semantic_and_visual_pairs():

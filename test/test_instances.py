@@ -15,8 +15,9 @@ from diffseg_ros.core.instances import (InstanceQuery, InstanceResult, PersonalC
                                         spectral_segments, split_connected, summarise,
                                         without_class_word)
 from diffseg_ros.core.methods.common import resize
-from diffseg_ros.core.sd_models import build_sd_components, tiny_configs
+from diffseg_ros.core.sd_models import build_sd_components
 from diffseg_ros.core.segmenter import Segmenter, SegmenterConfig
+from tiny_models import tiny_configs
 
 
 def block_affinity(sizes, inside=1.0, across=0.02, noise=0.01, seed=0):
@@ -98,12 +99,10 @@ def test_metrics_follow_t2m():
 class StubSegmenter:
     """Just enough of Segmenter: an 8x8 grid (no padding) shown at 32x32; scores come from the test."""
 
-    config = SimpleNamespace(method='t2m', tau=0.5, background_threshold=0.4, box_threshold=0.2)
-    sd = SimpleNamespace(vae_scale_factor=1)
-    self_layers, cross_layers = ['self'], ['cross']
+    settings = SimpleNamespace(method='t2m', self_layers=['self'], cross_layers=['cross'])
 
-    def sd_latent_size(self, valid):
-        return valid
+    def cells_inside(self, frame, size):
+        return np.ones(size, bool)
 
     def to_image(self, maps, frame):
         return resize(maps[None].float(), frame.out_size)[0]
@@ -121,7 +120,7 @@ def test_pipeline_splits_touching_objects_and_assigns_jointly(monkeypatch):
     side = np.where(left, 0, 1).reshape(-1)
     attention = np.where(side[:, None] == side[None, :], 1.0, 0.01)     # block-structured self-attention
     frame = SimpleNamespace(capture=SimpleNamespace(self_qk={'self': SimpleNamespace(size=(8, 8))}),
-                            valid=(8, 8), out_size=(32, 32))
+                            out_size=(32, 32))
     maps = {'<new1> mug': np.where(left, 0.6, 0.7), '<new2> mug': np.where(left, 0.5, 0.9)}
 
     def scores(self, rgb, prompts, fit=False, class_words=None):

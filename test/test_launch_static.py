@@ -7,14 +7,17 @@ import pytest
 from rclpy.parameter import Parameter
 import yaml
 
-from diffseg_ros.ros.parameters import SPECS
+from diffseg_ros.core.settings import items
+from diffseg_ros.ros import config_files
+from diffseg_ros.ros.params import parameter_type
 from diffseg_ros.ros.segmentation_node import CAMERA_INFO_TOPIC, DEPTH_TOPIC, IMAGE_TOPIC, NODE_NAME, \
-    QUERY_TOPIC
+    NodeSettings, QUERY_TOPIC
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON_TYPES = {Parameter.Type.STRING: str, Parameter.Type.INTEGER: int, Parameter.Type.DOUBLE: float,
                 Parameter.Type.BOOL: bool, Parameter.Type.INTEGER_ARRAY: list,
-                Parameter.Type.STRING_ARRAY: list}
+                Parameter.Type.STRING_ARRAY: list, Parameter.Type.DOUBLE_ARRAY: list}
+EXPOSED = [item for item in items(NodeSettings) if item.rule.exposed]
 
 
 def parse(relative):
@@ -42,7 +45,12 @@ def strings(tree):
 
 
 def launch_arguments(tree):
-    return {constant(call.args[0]) for call in calls(tree, 'DeclareLaunchArgument')}
+    """Names of DeclareLaunchArgument calls, and the keys of a module-level ARGUMENTS dict (launch_common)."""
+    names = {constant(call.args[0]) for call in calls(tree, 'DeclareLaunchArgument')}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], 'id', '') == 'ARGUMENTS':
+            names |= set(ast.literal_eval(node.value))
+    return names
 
 
 def console_scripts():
@@ -50,6 +58,23 @@ def console_scripts():
     setup = calls(parse('setup.py'), 'setup')[0]
     entries = ast.literal_eval(keyword(setup, 'entry_points'))['console_scripts']
     return dict(entry.replace(' ', '').split('=') for entry in entries)
+
+
+def shared_node(tree, executable):
+    """(launch arguments, remapped topics) of a node built by diffseg_ros.launch_common.node in a file.
+
+    The arguments and remappings the shared helper adds are counted in.
+    """
+    common = parse('diffseg_ros/launch_common.py')
+    matches = [call for call in calls(tree, 'node') if constant(call.args[1]) == executable]
+    assert len(matches) == 1, f'expected one node(context, {executable!r}, ...)'
+    call = matches[0]
+    helper = calls(common, 'Node')[0]
+    assert keyword(helper, 'package').id == 'PACKAGE' and 'diffseg_ros' in strings(common)
+    shared = {constant(pair.elts[0]) for pair in ast.walk(common) if isinstance(pair, ast.Tuple)
+              and len(pair.elts) == 2 and constant(pair.elts[0]) in ('image', 'depth', 'camera_info')}
+    own = {constant(pair.elts[0]) for pair in call.args[3].elts}
+    return constant(call.args[2]), launch_arguments(tree) | launch_arguments(common), own | shared
 
 
 def node_call(tree, executable):
@@ -74,16 +99,12 @@ def yaml_parameters(file='diffseg.yaml', node_name=NODE_NAME):
 
 def test_diffseg_launch_runs_the_node_with_yaml_and_remappable_topics():
     tree = parse('launch/diffseg.launch.py')
-    node = node_call(tree, 'diffseg_node')
-    assert constant(keyword(node, 'package')) == 'diffseg_ros'
-    assert constant(keyword(node, 'name')) == NODE_NAME
-    assert console_scripts()['diffseg_node'] == 'diffseg_ros.node:main'
+    name, arguments, remapped = shared_node(tree, 'diffseg_node')
+    assert name == NODE_NAME and console_scripts()['diffseg_node'] == 'diffseg_ros.node:main'
     assert {'params_file', 'model_path', 'image_topic', 'query_topic', 'depth_topic', 'camera_info_topic',
-            'concepts_dir', 'namespace'} <= launch_arguments(tree)
-    assert 'diffseg.yaml' in strings(tree)
-    remapped = {constant(pair.elts[0]) for pair in keyword(node, 'remappings').elts}
+            'concepts_dir', 'namespace', 'log_level'} <= arguments
+    assert 'diffseg' in strings(tree) and 'concepts_dir' in strings(tree)    # config/diffseg.yaml
     assert remapped == {IMAGE_TOPIC, QUERY_TOPIC, DEPTH_TOPIC, CAMERA_INFO_TOPIC}
-    assert keyword(node, 'parameters') is not None and keyword(node, 'namespace') is not None
 
 
 def test_synth_demo_feeds_the_camera_into_diffseg():
@@ -101,19 +122,25 @@ def test_synth_camera_console_script_exists():
     assert console_scripts()['synth_camera'] == 'diffseg_ros.ros.synth_camera:main'
 
 
+def test_config_files_are_generated_from_the_settings():
+    assert config_files.main(['--check']) == 0
+
+
 def test_yaml_and_node_declare_the_same_parameters():
-    assert set(yaml_parameters()) == {spec.name for spec in SPECS}
+    assert set(yaml_parameters()) == {item.name for item in EXPOSED}
 
 
-@pytest.mark.parametrize('spec', SPECS, ids=lambda spec: spec.name)
-def test_yaml_value_has_the_declared_type_and_default(spec):
-    value = yaml_parameters()[spec.name]
-    assert type(value) is PYTHON_TYPES[spec.type], f'{spec.name}: {value!r} is not {spec.type.name}'
-    assert value == spec.default, f'{spec.name}: YAML {value!r} is not the node default {spec.default!r}'
+@pytest.mark.parametrize('item', EXPOSED, ids=lambda item: item.name)
+def test_yaml_value_has_the_declared_type_and_default(item):
+    value = yaml_parameters()[item.name]
+    kind = parameter_type(item)
+    assert type(value) is PYTHON_TYPES[kind], f'{item.name}: {value!r} is not {kind.name}'
+    default = list(item.default) if isinstance(item.default, tuple) else item.default
+    assert value == default, f'{item.name}: YAML {value!r} is not the node default {default!r}'
 
 
 def test_parameters_have_descriptions():
-    assert all(spec.description for spec in SPECS)
+    assert all(item.rule.description for item in items(NodeSettings))
 
 
 def test_rviz_config_shows_the_outputs_in_the_camera_frame():

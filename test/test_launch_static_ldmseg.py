@@ -2,13 +2,13 @@
 import pytest
 from rclpy.parameter import Parameter
 
-from diffseg_ros.ros.ldmseg_node import NODE_NAME, TOPICS
-from diffseg_ros.ros.ldmseg_parameters import SPECS
-from test_launch_static import console_scripts, constant, keyword, launch_arguments, node_call, parse, \
-    PYTHON_TYPES, strings
+from diffseg_ros.core.settings import items
+from diffseg_ros.ros.ldmseg_node import NODE_NAME, NodeSettings, TOPICS
+from diffseg_ros.ros.params import parameter_type
+from test_launch_static import console_scripts, parse, PYTHON_TYPES, shared_node, strings
 from test_launch_static import yaml_parameters as shared_yaml_parameters
 
-TYPES = {**PYTHON_TYPES, Parameter.Type.DOUBLE_ARRAY: list}
+EXPOSED = [item for item in items(NodeSettings) if item.rule.exposed]
 
 
 def yaml_parameters():
@@ -18,32 +18,30 @@ def yaml_parameters():
 
 def test_launch_runs_the_node_with_yaml_and_remappable_inputs():
     tree = parse('launch/ldmseg.launch.py')
-    node = node_call(tree, 'ldmseg_node')
-    assert constant(keyword(node, 'package')) == 'diffseg_ros'
-    assert constant(keyword(node, 'name')) == NODE_NAME
-    assert console_scripts()['ldmseg_node'] == 'diffseg_ros.ros.ldmseg_node:main'
+    name, arguments, remapped = shared_node(tree, 'ldmseg_node')
+    assert name == NODE_NAME and console_scripts()['ldmseg_node'] == 'diffseg_ros.ros.ldmseg_node:main'
     assert {'params_file', 'model_path', 'image_topic', 'depth_topic', 'camera_info_topic', 'points_topic',
-            'propagate', 'namespace'} <= launch_arguments(tree)
-    assert {'ldmseg.yaml', 'ldmseg/labeled_points'} <= strings(tree)   # propagate: points <- own output
-    remapped = {constant(pair.elts[0]) for pair in keyword(node, 'remappings').elts}
+            'propagate', 'namespace'} <= arguments
+    assert {'ldmseg', 'ldmseg/labeled_points'} <= strings(tree)   # propagate: points <- own output
     assert remapped == set(TOPICS)
-    assert keyword(node, 'parameters') is not None and keyword(node, 'namespace') is not None
 
 
 def test_yaml_and_node_declare_the_same_parameters():
-    assert set(yaml_parameters()) == {spec.name for spec in SPECS}
+    assert set(yaml_parameters()) == {item.name for item in EXPOSED}
 
 
-@pytest.mark.parametrize('spec', SPECS, ids=lambda spec: spec.name)
-def test_yaml_value_has_the_declared_type_and_default(spec):
-    value = yaml_parameters()[spec.name]
-    assert type(value) is TYPES[spec.type], f'{spec.name}: {value!r} is not {spec.type.name}'
-    if spec.type == Parameter.Type.DOUBLE_ARRAY:
-        assert all(type(v) is float for v in value), f'{spec.name}: write floats with a decimal point'
-    assert value == spec.default, f'{spec.name}: YAML {value!r} is not the node default {spec.default!r}'
+@pytest.mark.parametrize('item', EXPOSED, ids=lambda item: item.name)
+def test_yaml_value_has_the_declared_type_and_default(item):
+    value = yaml_parameters()[item.name]
+    kind = parameter_type(item)
+    assert type(value) is PYTHON_TYPES[kind], f'{item.name}: {value!r} is not {kind.name}'
+    if kind == Parameter.Type.DOUBLE_ARRAY:
+        assert all(type(v) is float for v in value), f'{item.name}: write floats with a decimal point'
+    default = list(item.default) if isinstance(item.default, tuple) else item.default
+    assert value == default, f'{item.name}: YAML {value!r} is not the node default {default!r}'
 
 
 def test_parameters_have_descriptions_and_the_transform_says_why():
-    assert all(spec.description for spec in SPECS)
-    transform = next(spec for spec in SPECS if spec.name == 'cloud_to_camera')
-    assert 'tf2' in transform.description and 'only place' in transform.description
+    assert all(item.rule.description for item in items(NodeSettings))
+    transform = next(item for item in EXPOSED if item.name == 'cloud_to_camera')
+    assert 'tf2' in transform.rule.description and 'only place' in transform.rule.description

@@ -12,7 +12,8 @@ from diffseg_ros.ldmseg.losses import sample_logits, uncertain_pixels
 from diffseg_ros.ldmseg.metrics import match_segments, panoptic_quality
 from diffseg_ros.ldmseg.model import (ddim_sample, inference_timesteps, loss_weights, make_scheduler, snr,
                                       unet_config_from_sd, build_unet, init_from_sd)
-from diffseg_ros.ldmseg.pipeline import assign_known_ids, postprocess, tiny_random_ldmseg
+from diffseg_ros.ldmseg.pipeline import assign_known_ids, postprocess
+from tiny_models import tiny_random_ldmseg
 
 torch.set_num_threads(1)
 

@@ -27,7 +27,7 @@ _namespaces = itertools.count(1)
 
 @pytest.fixture(scope='module')
 def ldmseg_dir(tmp_path_factory):
-    from diffseg_ros.ldmseg.pipeline import tiny_random_ldmseg
+    from tiny_models import tiny_random_ldmseg
     return tiny_random_ldmseg(seed=0).save(str(tmp_path_factory.mktemp('tiny-ldmseg')))
 
 
@@ -271,7 +271,8 @@ def test_ids_beyond_mono16_fail_the_frame_clearly(ldmseg, sequence):
     ('cloud_to_camera:=[1.0,0.0]', 2,
      r'invalid parameter: cloud_to_camera must be 16 finite floats \(row-major 4x4\), got 2 value\(s\)'),
     ('model_path:=/nonexistent/ldmseg', 3,
-     r'cannot load model: LDMSeg folder /nonexistent/ldmseg is incomplete; missing: config.json'),
+     r'cannot load model: LDMSeg folder /nonexistent/ldmseg is incomplete; '
+     r'missing: folder /nonexistent/ldmseg'),
 ])
 def test_bad_start_is_one_clear_error(ros_env, tmp_path, param, code, message):
     process = NodeProcess(MODULE, ['--params-file', str(PARAMS_FILE), '-p', param], tmp_path / 'bad.log')

@@ -7,10 +7,11 @@ from std_msgs.msg import Header
 from diffseg_ros.core.geometry import intrinsics
 from diffseg_ros.ldmseg import project_labels
 from diffseg_ros.ros.image_codec import numpy_to_image_msg, to_depth_metres
-from diffseg_ros.ros.ldmseg_node import read_camera_info
-from diffseg_ros.ros.ldmseg_parameters import cloud_transform, IDENTITY, SPECS, validate
-from diffseg_ros.ros.pairing import StampPairer
-from diffseg_ros.ros.parameters import ParameterError
+from diffseg_ros.core.frames import StampBuffer, StampPairer
+from diffseg_ros.core.settings import items, validate, with_values
+from diffseg_ros.ldmseg.engine import IDENTITY
+from diffseg_ros.ros.depth import read_camera_info
+from diffseg_ros.ros.ldmseg_node import NodeSettings
 from diffseg_ros.ros.pointcloud import labelled_cloud_msg, POINT_FIELD_CODES, read_labelled_cloud
 
 CODES = {code: datatype for datatype, code in POINT_FIELD_CODES.items()}
@@ -171,49 +172,57 @@ def test_camera_info_read_and_refused():
 
 def test_pairer_pairs_in_either_order_and_drops_older():
     pairer = StampPairer(tolerance=0.01)
-    assert pairer.add(0, 1.0, 'image1') is None
-    assert pairer.add(1, 1.005, 'depth1') == ('image1', 'depth1')
-    assert pairer.add(1, 2.0, 'depth2') is None
-    assert pairer.add(1, 3.0, 'depth3') is None
-    assert pairer.add(0, 3.0, 'image3') == ('image3', 'depth3')
-    assert pairer.add(0, 2.0, 'image2') is None          # depth2 went with the newer pair
-    assert pairer.add(0, 4.0, 'image4') is None
-    assert pairer.add(1, 4.0, 'depth4') == ('image4', 'depth4')
-    assert pairer.add(1, 2.0, 'late depth2') is None     # image2 was dropped for image4
+    assert pairer.add(0, 1_000_000_000, 'image1') is None
+    assert pairer.add(1, 1_005_000_000, 'depth1') == ('image1', 'depth1')
+    assert pairer.add(1, 2_000_000_000, 'depth2') is None
+    assert pairer.add(1, 3_000_000_000, 'depth3') is None
+    assert pairer.add(0, 3_000_000_000, 'image3') == ('image3', 'depth3')
+    assert pairer.add(0, 2_000_000_000, 'image2') is None          # depth2 went with the newer pair
+    assert pairer.add(0, 4_000_000_000, 'image4') is None
+    assert pairer.add(1, 4_000_000_000, 'depth4') == ('image4', 'depth4')
+    assert pairer.add(1, 2_000_000_000, 'late depth2') is None     # image2 was dropped for image4
     assert pairer.unpaired == 1
 
 
 def test_pairer_keeps_a_few_unpaired_images_and_counts_the_rest():
     pairer = StampPairer(tolerance=0.01, keep=2)
     same = np.zeros(3)                                    # items are never compared (numpy arrays)
-    for stamp in (1.0, 2.0, 3.0, 4.0):
+    for stamp in (1_000_000_000, 2_000_000_000, 3_000_000_000, 4_000_000_000):
         assert pairer.add(0, stamp, same) is None
     assert pairer.unpaired == 2
-    assert pairer.add(1, 1.0, 'depth1') is None          # image1 is gone
-    assert pairer.add(1, 3.0, 'depth3')[1] == 'depth3'
-    assert pairer.unpaired == 2 and pairer.add(1, 4.0, 'depth4') is not None
+    assert pairer.add(1, 1_000_000_000, 'depth1') is None          # image1 is gone
+    assert pairer.add(1, 3_000_000_000, 'depth3')[1] == 'depth3'
+    assert pairer.unpaired == 2 and pairer.add(1, 4_000_000_000, 'depth4') is not None
     assert pairer.unpaired == 2
+
+
+def test_stamp_buffer_finds_the_nearest_item_and_its_gap():
+    buffer = StampBuffer(keep=2)
+    assert buffer.nearest(5) == (None, None)
+    for stamp, item in ((1_000_000_000, 'a'), (2_000_000_000, 'b'), (3_000_000_000, 'c')):
+        buffer.add(stamp, item)
+    assert len(buffer) == 2 and buffer.nearest(1_000_000_000) == ('b', 1.0)   # 'a' fell out
+    assert buffer.nearest(2_900_000_000) == ('c', pytest.approx(0.1))
 
 
 # --- parameters -------------------------------------------------------------------------------------------
 def defaults(**changes):
-    values = {spec.name: spec.default for spec in SPECS}
-    values.update(changes)
-    return values
+    return validate(with_values(NodeSettings(), changes))
 
 
 def test_default_parameters_are_valid_and_described():
-    validate(defaults())
-    assert all(spec.description for spec in SPECS)
-    np.testing.assert_array_equal(cloud_transform(defaults()), np.eye(4))
-    assert IDENTITY == [float(v) for v in np.eye(4).reshape(-1)]
+    settings = defaults()
+    assert all(item.rule.description for item in items(NodeSettings))
+    np.testing.assert_array_equal(settings.engine.transform, np.eye(4))
+    assert IDENTITY == tuple(float(v) for v in np.eye(4).reshape(-1))
+    assert (settings.qos_image.depth, settings.qos_points.depth) == (5, 2)
 
 
 def test_cloud_to_camera_is_read_row_major():
     matrix = np.eye(4)
     matrix[:3, :3] = [[0, -1, 0], [1, 0, 0], [0, 0, 1]]
     matrix[:3, 3] = [0.1, 0.2, 0.3]
-    np.testing.assert_array_equal(cloud_transform(defaults(cloud_to_camera=matrix.reshape(-1).tolist())),
+    np.testing.assert_array_equal(defaults(cloud_to_camera=matrix.reshape(-1).tolist()).engine.transform,
                                   matrix)
 
 
@@ -229,5 +238,5 @@ def test_cloud_to_camera_is_read_row_major():
     ({'dtype': 'float64'}, 'dtype must be one of'),
 ])
 def test_bad_parameters_are_named(changes, message):
-    with pytest.raises(ParameterError, match=message):
-        validate(defaults(**changes))
+    with pytest.raises(ValueError, match=message):
+        defaults(**changes)

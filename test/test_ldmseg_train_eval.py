@@ -7,15 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from diffseg_ros.core.settings import from_arguments
 from diffseg_ros.ldmseg import LDMSeg
 from diffseg_ros.ldmseg.autoencoder import MaskAutoencoder, MaskAutoencoderConfig
 from diffseg_ros.ldmseg.bits import ids_to_bits
 from diffseg_ros.ldmseg.data import random_ids
 from diffseg_ros.ldmseg.losses import reconstruction_loss
 from diffseg_ros.ldmseg.model import build_unet, make_scheduler, training_loss, unet_config
-from diffseg_ros.ldmseg.pipeline import fill_from_nearest, tiny_random_ldmseg
+from diffseg_ros.ldmseg.pipeline import fill_from_nearest
 from diffseg_ros.tools import eval_ldmseg
 from diffseg_ros.training import train_ldmseg
+from tiny_models import tiny_random_ldmseg
 
 torch.set_num_threads(1)
 
@@ -84,7 +86,7 @@ def train_args(tmp_path, sd_dir, **changes):
 
 def test_training_cli_runs_resumes_and_exports(tmp_path, tiny_model_dir):
     args = train_args(tmp_path, tiny_model_dir, ae_steps=2, unet_steps=2, stage='autoencoder')
-    assert train_ldmseg.train(train_ldmseg.config_from_args(args)) is None
+    assert train_ldmseg.train(from_arguments(train_ldmseg.LDMSegTrainConfig, args)) is None
     state = json.loads((tmp_path / 'run' / 'autoencoder' / 'state.json').read_text())
     assert state['step'] == 2 and 'reconstruction_pq' in state
     assert (tmp_path / 'run' / 'data' / 'panoptic.json').is_file()
@@ -129,7 +131,8 @@ def test_init_from_continues_an_exported_model(tmp_path, tiny_model_dir):
 
 
 def test_init_from_refuses_a_model_of_another_vae(tmp_path, tiny_model_dir):
-    from diffseg_ros.core.sd_models import ModelLoadError, save_tiny_random_model
+    from diffseg_ros.core.model_folder import ModelLoadError
+    from tiny_models import save_tiny_random_model
     other_sd = save_tiny_random_model(str(tmp_path / 'other-sd'), seed=1)
     first = train_args(tmp_path, tiny_model_dir, ae_steps=2, unet_steps=1, export=str(tmp_path / 'model'))
     first.func(first)

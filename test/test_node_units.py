@@ -10,12 +10,13 @@ from rclpy.parameter import Parameter
 from rclpy.time import Time as RosTime
 
 from diffseg_ros.core.segmenter import SegmenterConfig
+from diffseg_ros.core.settings import items
 from diffseg_ros.ros.diagnostics import build_diagnostics, NodeStats, RepeatFilter
 from diffseg_ros.ros.mailbox import Mailbox
 from diffseg_ros.ros.overlay import draw_overlay, label_colour
-from diffseg_ros.ros.parameters import declare_parameters, ParameterError, segmenter_config, SPECS, \
-    updated_config
+from diffseg_ros.ros.params import changed_settings, declare_settings, descriptor, ParameterError
 from diffseg_ros.ros.queries import MAX_QUERIES, MAX_QUERY_BYTES, parse_query, QueryError
+from diffseg_ros.ros.segmentation_node import diagnostic_status, NodeSettings, state_values
 
 
 # --- queries --------------------------------------------------------------------------------------------
@@ -87,7 +88,10 @@ LEVEL = {int.from_bytes(getattr(DiagnosticStatus, name), 'little'): name for nam
 
 
 def report(stats, now_ns=5 * 10**9):
-    status = build_diagnostics(stats.report(), DESCRIBE, RosTime(nanoseconds=now_ns)).status[0]
+    copy = stats.report()
+    status = build_diagnostics('diffseg: segmentation', '/diffseg', DESCRIBE, diagnostic_status(copy),
+                               state_values(copy), {'queries rejected': copy['queries_rejected']}, copy,
+                               RosTime(nanoseconds=now_ns), 'frames without query').status[0]
     return LEVEL[int.from_bytes(status.level, 'little')], {kv.key: kv.value for kv in status.values}, status
 
 
@@ -120,13 +124,23 @@ def test_diagnostics_latency_is_the_mean_of_the_last_20():
     assert report(stats)[1]['inference latency mean (s)'] == '1.000'
 
 
-def test_diagnostics_keys():
-    keys = report(NodeStats())[1]
-    for key in ('model', 'device', 'dtype', 'method', 'queries', 'inference latency mean (s)',
-                'result age (s)',
-                'frames received', 'frames processed', 'frames dropped', 'last error', 'concepts',
-                'concepts refused', 'learn'):
-        assert key in keys
+def test_diagnostics_values_count_every_kind_of_frame():
+    stats = NodeStats()
+    stats.set_queries(['red mug', 'my mug'])
+    stats.count('received', 7)
+    stats.count('dropped', 2)
+    stats.count('waiting')
+    stats.frame_failed('rejected', 'bad image: short data')
+    stats.query_failed('query refused: too long')
+    stats.frame_done(Time(sec=4), 0.5)
+    values = report(stats)[1]
+    assert values == {
+        'node': '/diffseg', 'model': '/models/x', 'device': 'cpu', 'dtype': 'float32', 'method': 't2m',
+        'queries': 'red mug; my mug', 'concepts': '', 'concepts refused': '0', 'learn': '',
+        'inference latency mean (s)': '0.500', 'inference latency samples': '1', 'result age (s)': '1.000',
+        'frames received': '7', 'frames processed': '1', 'frames dropped': '2', 'frames rejected': '1',
+        'frames failed': '0', 'frames without query': '1', 'queries rejected': '1',
+        'last error': 'query refused: too long'}
 
 
 def test_diagnostics_show_concepts_and_the_latest_learn_request():
@@ -170,27 +184,39 @@ def make_node(context, **overrides):
     return rclpy.create_node('diffseg', context=context, parameter_overrides=overrides)
 
 
-def test_defaults_follow_the_engine_config(rclpy_context):
+def test_defaults_follow_the_settings(rclpy_context):
     node = make_node(rclpy_context)
     try:
-        values = declare_parameters(node)
-        config = segmenter_config(values)
-        assert config == SegmenterConfig()
-        assert values['cross_layers'] == [] and values['background_words'] == []
-        assert config.background_words is None   # empty = model default
+        settings = declare_settings(node, NodeSettings)
+        assert settings == NodeSettings() and settings.engine.segmenter == SegmenterConfig()
+        assert settings.engine.segmenter.background_words == ()   # empty = model default
         declared = set(node.list_parameters([], 0).names) - {'use_sim_time', 'start_type_description_service'}
-        assert declared == {spec.name for spec in SPECS}
+        assert declared == {item.name for item in items(NodeSettings) if item.rule.exposed}
+        assert 'instances.kv_mode' not in declared and 'learn.frames' in declared
     finally:
         node.destroy_node()
 
 
+def test_descriptors_carry_ranges_and_read_only():
+    by_name = {item.name: item for item in items(NodeSettings)}
+    depth = descriptor(by_name['qos.image.depth'])
+    bounds = (depth.integer_range[0].from_value, depth.integer_range[0].to_value)
+    assert depth.read_only and bounds == (1, 100)
+    alpha = descriptor(by_name['overlay_alpha'])
+    assert not alpha.read_only and alpha.floating_point_range[0].to_value == 1.0
+    size = descriptor(by_name['image_size'])       # '0 or 64..2048': the range spans the extra value
+    assert (size.integer_range[0].from_value, size.additional_constraints) == (0, '0 or 64..2048')
+
+
 def test_overrides_are_typed_and_mapped(rclpy_context):
     node = make_node(rclpy_context, cross_layers=[4, 5], background_words=['floor'], method='cross',
-                     qos__image__reliability='reliable')
+                     qos__image__reliability='reliable', instances__max_segments=3)
     try:
-        config = segmenter_config(declare_parameters(node))
+        settings = declare_settings(node, NodeSettings)
+        config = settings.engine.segmenter
         assert config.cross_layers == (4, 5) and config.background_words == ('floor',)
-        assert config.method == 'cross'
+        assert config.method == 'cross' and settings.qos.reliability == 'reliable'
+        assert settings.engine.instances.max_segments == 3
     finally:
         node.destroy_node()
 
@@ -198,24 +224,28 @@ def test_overrides_are_typed_and_mapped(rclpy_context):
 @pytest.mark.parametrize('overrides, message', [
     (dict(noise_samples='3'),
      "noise_samples: Trying to set parameter 'noise_samples' to '3' of type 'STRING'"),
-    (dict(overlay_alpha=2.0), 'overlay_alpha must be in [0, 1]'),
-    (dict(qos__image__depth=0), 'qos.image.depth must be 1..100'),
+    (dict(overlay_alpha=2.0), 'overlay_alpha must be in [0, 1], got 2.0'),
+    (dict(qos__image__depth=0), 'qos.image.depth must be 1..100, got 0'),
+    (dict(image_size=10), 'image_size must be 0 or 64..2048, got 10'),
     (dict(dtype='float8'), 'dtype must be one of'),
+    (dict(device='tpu'), "device must be 'cpu' or 'cuda[:N]'"),
 ])
 def test_bad_values_raise_parameter_error(rclpy_context, overrides, message):
     node = make_node(rclpy_context, **overrides)
     try:
         with pytest.raises(ParameterError) as raised:
-            segmenter_config(declare_parameters(node))
+            declare_settings(node, NodeSettings)
         assert message in str(raised.value)
     finally:
         node.destroy_node()
 
 
 def test_runtime_update_validates_like_start():
-    config = SegmenterConfig()
-    changes = [Parameter('box_threshold', value=0.3), Parameter('overlay_alpha', value=0.1)]
-    updated = updated_config(config, changes)
-    assert updated.box_threshold == 0.3 and config.box_threshold != 0.3
+    settings = NodeSettings()
+    changes = [Parameter('box_threshold', value=0.3), Parameter('overlay_alpha', value=0.1),
+               Parameter('use_sim_time', value=False)]
+    updated = changed_settings(settings, changes)
+    assert updated.engine.segmenter.box_threshold == 0.3 and updated.overlay_alpha == 0.1
+    assert settings.engine.segmenter.box_threshold != 0.3 and updated.engine.learn == settings.engine.learn
     with pytest.raises(ParameterError, match='tau must be in'):
-        updated_config(config, [Parameter('tau', value=0.0)])
+        changed_settings(settings, [Parameter('tau', value=0.0)])

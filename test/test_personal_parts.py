@@ -18,14 +18,14 @@ from diffseg_ros.core.assignments import (build_assignments, centre_point, insta
 from diffseg_ros.core.concepts import Concept, ConceptError, KV_FILE, save_concept
 from diffseg_ros.core.geometry import intrinsics
 from diffseg_ros.core.instances import QueryResult
-from diffseg_ros.core.learn_job import (crop_segment, is_cancel_request, LearnCancelled, LearnJob,
-                                        LearnRequestError, parse_learn_request, train_job)
-from diffseg_ros.core.query_engine import QueryEngine, instance_config
+from diffseg_ros.core.concept_learning import LearnSettings
+from diffseg_ros.core.learn_job import (crop_segment, is_cancel_request, LearnCancelled, LearnConfig,
+                                        LearnJob, LearnRequestError, parse_learn_request, train_job)
+from diffseg_ros.core.query_engine import EngineConfig, QueryEngine
 from diffseg_ros.core.segmenter import Segmenter, SegmenterConfig
 from diffseg_ros.ros.depth import DepthCache
 from diffseg_ros.ros.image_codec import numpy_to_image_msg
 from diffseg_ros.ros.markers import marker_array, MarkerTracker
-from diffseg_ros.training.custom_diffusion import LearnSettings
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / 'config' / 'assignments.schema.json').read_text())
 FAST = LearnSettings(steps=3, batch=2, size=32, class_count=2, sample_steps=2, seed=0)
@@ -134,6 +134,19 @@ def test_depth_cache_picks_the_nearest_frame_within_tolerance():
     assert 'not aligned' in cache.lookup(stamped(10), 0.05, (8, 12))[3]
     cache.set_info(camera_info(6, 4, focal=0.0))
     assert 'uncalibrated' in cache.lookup(stamped(10), 0.05, (4, 6))[3]
+
+
+def test_depth_matched_on_arrival_outlives_the_buffer():
+    cache = DepthCache(size=2)
+    cache.set_info(camera_info(6, 4))
+    cache.add_depth(numpy_to_image_msg(np.full((4, 6), 2.0, np.float32), '32FC1', stamped(10)))
+    matched = cache.match(stamped(10), 0.05)                    # the image of stamp 10 arrives
+    assert matched is not None and cache.match(stamped(12), 0.05) is None
+    for sec in (11, 12, 13):                                    # the model was slow: newer depth came
+        cache.add_depth(numpy_to_image_msg(np.full((4, 6), 9.0, np.float32), '32FC1', stamped(sec)))
+    assert 'from the image' in cache.lookup(stamped(10), 0.05, (4, 6))[3]
+    depth, _, _, note = cache.lookup(stamped(10), 0.05, (4, 6), matched)
+    assert note == '' and depth[0, 0] == 2.0
 
 
 # --- markers ------------------------------------------------------------------------------------------------
@@ -268,7 +281,11 @@ def engine(tiny_model_dir, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp('concepts')
-    engine = QueryEngine(SegmenterConfig(model_path=tiny_model_dir, image_size=64), concepts_dir=str(folder))
+    statuses = []
+    engine = QueryEngine(EngineConfig(SegmenterConfig(model_path=tiny_model_dir, image_size=64),
+                                      concepts_dir=str(folder), learn=LearnConfig(frames=1, training=FAST)),
+                         on_learn=lambda job: statuses.append(job.status()))
+    engine.statuses = statuses
     yield engine
     engine.library.uninstall()
     torch.set_num_threads(threads)
@@ -294,7 +311,7 @@ def test_engine_plain_queries_stay_semantic(engine):
 
 
 def test_engine_reload_resolves_names_and_reports_refusals(engine):
-    folder = engine.concepts_dir
+    folder = engine.config.concepts_dir
     save_concept(perturbed(engine.library, 'my mug', aliases=['mug of mine']), folder)
     save_concept(perturbed(engine.library, 'odd mug', fingerprint='0123456789abcdef', seed=2), folder)
     engine.set_queries(['my mug', 'blue bottle'])
@@ -344,10 +361,10 @@ def test_engine_learns_from_crops_and_loads_the_result(engine):
     job.add_frame(rgb, full)
     assert job.state == 'training'
     reports = []
-    concept = train_job(job, engine.trainer(), engine.concepts_dir, '<new2>', FAST,
+    concept = train_job(job, engine.trainer(), engine.config.concepts_dir, '<new2>', FAST,
                         report=lambda: reports.append(job.progress), report_every=1)
     assert len(reports) == FAST.steps and job.concept is concept
-    assert sorted(os.listdir(os.path.join(engine.concepts_dir, 'your-mug'))) == sorted(
+    assert sorted(os.listdir(os.path.join(engine.config.concepts_dir, 'your-mug'))) == sorted(
         ['<new2>.safetensors', KV_FILE, 'concept.json'])
     engine.set_queries(['your mug', 'my mug'])
     report = engine.reload()
@@ -356,32 +373,52 @@ def test_engine_learns_from_crops_and_loads_the_result(engine):
     assert engine.library.find('mug of yours').name == 'your mug'       # the alias of the request
 
 
+def test_engine_learn_flow_from_request_to_installed_concept(engine, monkeypatch):
+    engine.statuses.clear()
+    monkeypatch.setattr(engine, 'class_mask', lambda rgb, word: np.ones(rgb.shape[:2], bool))
+    job = engine.learn('his mug = mug')
+    assert job.state == 'queued' and engine.learn('cancel me = mug').message.startswith('busy: still')
+    engine.poll()                                           # the worker starts it between frames
+    assert job.state == 'collecting' and engine.wants_frames
+    engine.process(np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    assert job.state == 'training'
+    engine.learning.thread.join(timeout=300)
+    assert engine.learning.thread is not None and not engine.learning.thread.is_alive()
+    report = engine.poll()                                  # installs the saved concept
+    assert job.state == 'done' and report is not None and engine.library.find('his mug') is not None
+    assert engine.poll() is None                            # installed once
+    states = [status['state'] for status in engine.statuses if status['request'] == 'his mug = mug']
+    assert states[0] == 'queued' and states[-1] == 'done' and {'collecting', 'training'} <= set(states)
+    assert job.status()['progress'] == 1.0 and 'his mug' in job.message
+
+
 def test_instance_path_runs_t2m_on_frames_at_their_own_size_from_the_training_size(tiny_model_dir):
     config = SegmenterConfig(model_path=tiny_model_dir, method='cross', timestep=3, cross_layers=(1,))
-    engine = QueryEngine(config)
+    engine = QueryEngine(EngineConfig(config))
     sd = engine.segmenter.sd
     native = sd.native_image_size
-    assert native < engine.segmenter.image_size == 512     # the tiny model has no defaults file: 512
-    instance = instance_config(config, sd)
-    assert (instance.method, instance.timestep, instance.cross_layers) == ('t2m', -1, ())
-    assert (instance.image_size, instance.min_image_size) == (0, native)
+    assert native < engine.segmenter.settings.image_size == 512     # the tiny model has no defaults file
     seg = engine.personal.seg
+    instance, papers = seg.settings, Segmenter(replace(config, method='t2m', timestep=-1, cross_layers=()),
+                                               components=sd).settings
+    assert (instance.method, instance.timestep, instance.cross_layers) == ('t2m', 150, papers.cross_layers)
+    assert (instance.image_size, instance.min_image_size) == (512, native)
     assert seg.input_size(native // 2) == native and seg.input_size(300) == 300 and seg.input_size(900) == 512
     assert engine.segmenter.input_size(300) == 512         # the semantic path always resizes
-    fixed = instance_config(replace(config, image_size=96, min_image_size=96), sd)
-    explicit = Segmenter(fixed, components=sd)
+    explicit = Segmenter(replace(config, image_size=96, min_image_size=96), components=sd, instances=True)
     assert explicit.input_size(300) == explicit.input_size(40) == 96                  # explicit sizes win
     rgb = np.zeros((30, 40, 3), np.uint8)
-    assert seg._preprocess(rgb)[1] == (native * 3 // 4, native)          # upscaled to the training size
+    pixels, where = seg.images.preprocess(rgb, seg.input_size(max(rgb.shape[:2])))
+    assert where.valid == (native * 3 // 4, native)          # upscaled to the training size
 
 
 def test_reload_without_a_folder(tiny_model_dir, tmp_path):
     config = SegmenterConfig(model_path=tiny_model_dir, image_size=64, method='cross')
-    engine = QueryEngine(config, concepts_dir=str(tmp_path / 'later'))
+    engine = QueryEngine(EngineConfig(config, concepts_dir=str(tmp_path / 'later')))
     try:
         report = engine.reload()
         assert report.loaded == [] and 'does not exist yet' in report.summary() and not report.ok
-        assert engine.personal.seg.config.method == 't2m'
+        assert engine.personal.seg.settings.method == 't2m'
     finally:
         engine.library.uninstall()
 
@@ -391,8 +428,8 @@ def test_personal_and_learn_parameters_map_and_validate(ros_env):
     import rclpy
     from rclpy.parameter import Parameter
 
-    from diffseg_ros.ros.parameters import declare_parameters, learn_settings, ParameterError, \
-        personal_config
+    from diffseg_ros.ros.params import declare_settings, ParameterError
+    from diffseg_ros.ros.segmentation_node import NodeSettings
     context = rclpy.Context()
     rclpy.init(context=context)
 
@@ -400,16 +437,17 @@ def test_personal_and_learn_parameters_map_and_validate(ros_env):
         params = [Parameter(name.replace('__', '.'), value=value) for name, value in overrides.items()]
         node = rclpy.create_node('diffseg', context=context, parameter_overrides=params)
         try:
-            return declare_parameters(node)
+            return declare_settings(node, NodeSettings).engine
         finally:
             node.destroy_node()
     try:
-        values = declared(instances__max_segments=3, learn__steps=7, learn__size=32, concepts_dir='/c')
-        assert personal_config(values).max_segments == 3 and values['concepts_dir'] == '/c'
-        assert learn_settings(values) == LearnSettings(steps=7, size=32)
+        engine = declared(instances__max_segments=3, learn__steps=7, learn__size=32, concepts_dir='/c')
+        assert engine.instances.max_segments == 3 and engine.concepts_dir == '/c'
+        assert engine.learn.training == LearnSettings(steps=7, size=32)
         for overrides, message in ((dict(learn__frames=0), 'learn.frames must be 1..100, got 0'),
                                    (dict(learn__size=4), 'learn.size must be 0 or 8..2048'),
-                                   (dict(instances__min_score=2.0), 'instances.min_score must be 0.0..1.0')):
+                                   (dict(instances__min_score=2.0),
+                                    r'instances.min_score must be in \[0, 1\]')):
             with pytest.raises(ParameterError, match=message):
                 declared(**overrides)
     finally:

@@ -8,6 +8,7 @@ import numpy as np
 
 from .geometry import depth_to_points
 from .instances import QueryResult
+from .masks import bbox
 
 SCHEMA_FILE = 'assignments.schema.json'   # in the package's config folder
 
@@ -49,11 +50,8 @@ def centre_point(points, mask):
 
 def box(mask):
     """Return the pixel box of a mask as {'x', 'y', 'width', 'height'}, or None when it is empty."""
-    rows, cols = np.nonzero(mask)
-    if len(rows) == 0:
-        return None
-    x, y = int(cols.min()), int(rows.min())
-    return {'x': x, 'y': y, 'width': int(cols.max()) - x + 1, 'height': int(rows.max()) - y + 1}
+    found = bbox(mask)
+    return None if found is None else dict(zip(('x', 'y', 'width', 'height'), found))
 
 
 def query_entry(label, query, instances, points):

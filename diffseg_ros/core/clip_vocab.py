@@ -1,7 +1,7 @@
 """Build Stable Diffusion's CLIP tokenizer offline from the BPE file shipped in open-clip-torch.
 
 CLIP's 49,408-token vocabulary is: the 256 byte-level symbols, the same with the end-of-word marker,
-one token per BPE merge (48,894 of them), then the start and end tokens (REFERENCE.md section 9).
+one token per BPE merge (48,894 of them), then the start and end tokens (as SD's tokenizer).
 """
 import gzip
 import importlib.util

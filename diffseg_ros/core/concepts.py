@@ -10,7 +10,7 @@ Only safetensors and JSON are ever read: pickles can execute code.
 
 Installing puts the learned K/V into the attention modules' own `to_k` / `to_v` weights (same shapes, no
 bias), so every processor -- stock or capture -- uses them. diffusers' `load_attn_procs` silently installs
-nothing (REFERENCE.md section 5), and a capture processor replacing a Custom Diffusion processor would drop
+nothing (diffusers issue 9320), and a capture processor replacing a Custom Diffusion processor would drop
 its K/V. Several concepts are merged in closed form as in the Custom Diffusion paper (section 3.2): keep
 W c ~ W0 c for regularisation caption features c, and map every concept's token features (in its training
 templates and in composed segmentation prompts) exactly to its own learned outputs. Uninstalling restores
@@ -41,11 +41,12 @@ K_SUFFIX = '.processor.to_k_custom_diffusion.weight'
 V_SUFFIX = '.processor.to_v_custom_diffusion.weight'
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth', '.ckpt', '.pkl')
 PICKLE_MAGIC = (b'PK\x03\x04', b'\x80')          # torch zip archive, pickle protocol >= 2
-# Captions whose concept-token features the merge maps exactly: the training templates and the composed
-# prompts of personal segmentation (other concepts and attribute words before the token).
-MERGE_TEMPLATES = ('photo of a {}', 'a photo of a {}', 'a photo including {}.',
-                   'a photo of the {} on a table.', 'a photo including red {}.',
-                   'a photo including mug, bottle, {}.')
+# Captions a concept is learned with (Custom Diffusion), and those whose concept-token features the merge
+# maps exactly: the training captions and the composed prompts of personal segmentation (other concepts
+# and attribute words before the token).
+TRAINING_TEMPLATES = ('photo of a {}', 'a photo of a {}', 'a photo including {}.',
+                      'a photo of the {} on a table.')
+MERGE_TEMPLATES = TRAINING_TEMPLATES + ('a photo including red {}.', 'a photo including mug, bottle, {}.')
 REGULARISATION_CAPTIONS = 96
 MERGE_RIDGE = 1e-3          # x mean eigenvalue of C_reg^T C_reg: keeps W near W0 where captions say nothing
 CONSTRAINT_RIDGE = 1e-4     # x mean eigenvalue of A: near-duplicate constraint rows are fitted, not exploded
@@ -107,6 +108,29 @@ def safe_folder_name(name):
     if not folder:
         raise ConceptError(f'concept name {raw!r} has no usable characters')
     return folder
+
+
+def next_free_token(concepts_dir, name=None):
+    """'<newN>' not used by another concept of the directory (a concept being replaced keeps its token)."""
+    tokens = {}
+    if concepts_dir and os.path.isdir(concepts_dir):
+        tokens = {entry: _read_token(os.path.join(concepts_dir, entry))
+                  for entry in os.listdir(concepts_dir) if not entry.startswith('.')}
+    own = tokens.get(safe_folder_name(name)) if name is not None else None
+    if own:
+        return own
+    n = 1
+    while f'<new{n}>' in tokens.values():
+        n += 1
+    return f'<new{n}>'
+
+
+def _read_token(folder):
+    try:
+        with open(os.path.join(folder, META_FILE), encoding='utf-8') as f:
+            return json.load(f).get('token')
+    except (OSError, ValueError):
+        return None
 
 
 def concept_folder(concepts_dir, name):

@@ -22,28 +22,24 @@ from scipy import linalg, ndimage
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
-from .segmenter import check_rgb
+from .images import check_rgb
+from .masks import bbox, iou
+from .settings import setting, Settings
 
 
 @dataclass
-class PersonalConfig:
-    max_segments: int = 6        # upper bound of the clusters per class word
-    min_score: float = 0.0       # a joint assignment scoring below this is dropped (instance 0)
-    affinity_power: int = 1      # cluster S or S^2 (T2M propagates with S^2)
-    kv_mode: str = 'merged'      # 'merged': one forward for all concepts; 'separate': one per concept
-    fit_prompt: bool = True      # merged: also fit the concept tokens of the exact composed prompt
-    seed: int = 0
-
-    def validate(self):
-        """Raise ValueError with a clear message for the first bad value."""
-        checks = [(1 <= self.max_segments <= 32, f'max_segments must be 1..32, got {self.max_segments}'),
-                  (self.affinity_power in (1, 2), f'affinity_power must be 1 or 2: {self.affinity_power}'),
-                  (self.kv_mode in ('merged', 'separate'), f"kv_mode must be 'merged' or 'separate', "
-                                                           f'got {self.kv_mode!r}')]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        return self
+class PersonalConfig(Settings):
+    max_segments: int = setting(6, 'upper bound of the instances a class word is split into', low=1, high=32)
+    min_score: float = setting(0.0, 'a query is assigned no instance when its best joint score is below this',
+                               low=0.0, high=1.0)
+    affinity_power: int = setting(1, 'cluster the self-attention S or S^2 (T2M propagates with S^2)',
+                                  choices=(1, 2), exposed=False)
+    kv_mode: str = setting('merged', "concept K/V: 'merged' (one forward for all concepts) or 'separate' "
+                                     '(one forward per concept)', choices=('merged', 'separate'),
+                           exposed=False)
+    fit_prompt: bool = setting(True, 'merged K/V also fit the concept tokens of the exact composed prompt',
+                               exposed=False)
+    seed: int = setting(0, 'seed of the spectral clustering', exposed=False)
 
 
 @dataclass
@@ -184,11 +180,6 @@ def self_attention_matrix(layers, power=1):
 
 
 # --- metrics (T2M: mIoU, bf_acc, af_acc) ------------------------------------------------------------------
-def iou(a, b):
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 def truth_instance(instances, truth, candidates):
     """Return the candidate instance overlapping the truth mask best (IoU); 0 if none overlaps."""
     best, best_iou = 0, 0.0
@@ -229,7 +220,7 @@ class PersonalSegmenter:
     """
 
     def __init__(self, segmenter, library=None, config=None):
-        if segmenter.config.method != 't2m':
+        if segmenter.settings.method != 't2m':
             raise ValueError("personal segmentation reads T2M SelfCross maps: needs a 't2m' Segmenter")
         self.seg = segmenter
         self.library = library
@@ -294,22 +285,17 @@ class PersonalSegmenter:
         """
         kept = self.seg.set_queries(prompts)
         if fit and self.library is not None:
-            with self.library.fitted([self.seg.prompt['text']]):
+            with self.library.fitted([self.seg.prompt.text]):
                 frame = self.seg.attend(rgb)
         else:
             frame = self.seg.attend(rgb)
         spans = frame.spans
         if class_words:
-            ids, tokenizer = self.seg.prompt['input_ids'], self.seg.sd.tokenizer
-            class_ids = {q: tokenizer(w, add_special_tokens=False).input_ids for q, w in class_words.items()}
+            ids = self.seg.prompt.input_ids
+            class_ids = {q: self.seg.token_ids(w) for q, w in class_words.items()}
             spans = [without_class_word(span, ids, class_ids[q]) if q in class_ids else span
                      for q, span in zip(kept.queries, spans)]
-        config = self.seg.config
-        scores = self.seg.method.scores(frame.capture, spans, cross_layers=self.seg.cross_layers,
-                                        self_layers=self.seg.self_layers, tau=config.tau,
-                                        background_threshold=config.background_threshold,
-                                        box_threshold=config.box_threshold)
-        return kept, frame, scores
+        return kept, frame, self.seg.scores(frame, spans)
 
     def _first_pass(self, rgb, prompts):
         """Compute class-word foreground, plain-query masks, self-attention (cached per frame and prompt)."""
@@ -320,20 +306,13 @@ class PersonalSegmenter:
         kept, frame, scores = self._scores(rgb, prompts)
         size = tuple(scores.shape[1:])
         captured = frame.capture.self_qk
-        layers = [captured[n] for n in self.seg.self_layers if captured[n].size == size]
+        layers = [captured[n] for n in self.seg.settings.self_layers if captured[n].size == size]
         labels_full = self.seg.to_image(scores, frame).argmax(0).numpy()
         self._first_cache = dict(key=key, frame=frame, scores=scores.numpy(), labels_full=labels_full,
                                  channel={q: i + 1 for i, q in enumerate(kept.queries)},
                                  attention=self_attention_matrix(layers, self.config.affinity_power),
-                                 valid=self._valid_grid(frame, size), warnings=kept.warnings)
+                                 valid=self.seg.cells_inside(frame, size), warnings=kept.warnings)
         return self._first_cache
-
-    def _valid_grid(self, frame, size):
-        """Grid cells whose centre lies inside the image (not in the padding)."""
-        padded = [d * self.seg.sd.vae_scale_factor for d in self.seg.sd_latent_size(frame.valid)]
-        rows = (np.arange(size[0]) + 0.5) * padded[0] / size[0] < frame.valid[0]
-        cols = (np.arange(size[1]) + 0.5) * padded[1] / size[1] < frame.valid[1]
-        return rows[:, None] & cols[None, :]
 
     def _query_maps(self, rgb, class_words, warnings):
         """Compute each assignment query's SelfCross map [h, w] in one forward (or one per concept).
@@ -416,7 +395,7 @@ class PersonalSegmenter:
                 if not q.class_word and q.prompt == prompt:
                     r.instance_id = r.alone_instance_id = instance_id
                     r.score = r.alone_score = float(first['scores'][channel][_grid_mask(mask, first)].mean())
-                    r.bbox, r.pixels = _bbox(mask), int(mask.sum())
+                    r.bbox, r.pixels = bbox(mask), int(mask.sum())
 
 
 def _grid_mask(mask, first):
@@ -432,20 +411,11 @@ def _describe(instances, results, segments):
     """Pixels and bbox of every segment and assigned query from the instance image."""
     for segment in segments:
         mask = instances == segment['instance_id']
-        segment['pixels'], segment['bbox'] = int(mask.sum()), _bbox(mask)
+        segment['pixels'], segment['bbox'] = int(mask.sum()), bbox(mask)
     for result in results:
         if result.class_word and result.instance_id:
             mask = instances == result.instance_id
-            result.pixels, result.bbox = int(mask.sum()), _bbox(mask)
-
-
-def _bbox(mask):
-    """[x, y, w, h] of a mask's pixels, None when empty."""
-    rows, cols = np.nonzero(mask)
-    if len(rows) == 0:
-        return None
-    x, y = int(cols.min()), int(rows.min())
-    return [x, y, int(cols.max()) - x + 1, int(rows.max()) - y + 1]
+            result.pixels, result.bbox = int(mask.sum()), bbox(mask)
 
 
 def _unique(items):

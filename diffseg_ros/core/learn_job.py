@@ -5,15 +5,20 @@ the concept aliases (any name a query may use). The job crops the class word's s
 out of the next N frames, then trains (Custom Diffusion) on the crops; its status is a JSON-ready dict:
 state queued -> collecting -> training -> done, or failed at any point, with an overall progress 0..1.
 "cancel" ends the active job (failed, 'cancelled by request'); an ended job never changes again.
+`LearnFlow` runs that sequence for an engine (QueryEngine): requests from any thread, collection on the
+engine's thread, training in a thread of its own, installation back on the engine's thread.
 """
 from dataclasses import dataclass
+import itertools
 import threading
 import time
 
 import numpy as np
 from scipy import ndimage
 
-from .concepts import ConceptError, normalise_name, safe_folder_name, save_concept
+from .concept_learning import LearnSettings
+from .concepts import ConceptError, next_free_token, normalise_name, safe_folder_name, save_concept
+from .settings import section, setting, Settings
 
 MAX_REQUEST_CHARS = 200
 MAX_NAME_CHARS = 100
@@ -21,6 +26,16 @@ MAX_CLASS_CHARS = 50
 MIN_CROP_PIXELS = 16
 COLLECT_SHARE = 0.2     # share of the progress bar for collecting; training has the rest
 CANCEL_REQUEST = 'cancel'
+
+
+@dataclass
+class LearnConfig(Settings):
+    frames: int = setting(5, 'frames whose class-word segment is cropped for a learn request', low=1,
+                          high=100)
+    margin: float = setting(0.15, 'margin around the segment box of a crop, as a fraction of its size',
+                            low=0.0, high=2.0)
+    timeout: float = setting(60.0, 'seconds to wait for the frames of a learn request', low=1.0, high=3600.0)
+    training: LearnSettings = section(LearnSettings, '')
 
 
 class LearnRequestError(ValueError):
@@ -209,3 +224,108 @@ def train_job(job, trainer, concepts_dir, token, settings, report=None, cancelle
     save_concept(concept, concepts_dir)
     job.concept = concept
     return concept
+
+
+class LearnFlow:
+    """Learning from the camera for one engine: request -> collecting -> training -> installed.
+
+    `request` may be called from any thread (it parses and queues); `step` and `take_trained` run on the
+    engine's thread (they use the model); training runs in a thread of its own on private copies of the
+    text path, so segmentation goes on. `on_status(job)` is called on every change of the active job;
+    `wake()` when a trained concept waits to be installed.
+    """
+
+    def __init__(self, config, concepts_dir, on_status=None, wake=None):
+        self.config, self.concepts_dir = config, concepts_dir
+        self.on_status = on_status or (lambda job: None)
+        self.wake = wake or (lambda: None)
+        self.job = None                   # the latest LearnJob
+        self.thread = None
+        self.closed = False
+        self._ids = itertools.count(1)
+        self._trained = None              # a job whose concept is saved and waits to be installed
+
+    @property
+    def collecting(self):
+        return self.job is not None and self.job.state == 'collecting'
+
+    def request(self, text):
+        """Queue a learn request like "my mug = mug", or refuse it at once; "cancel" ends the active job."""
+        job_id = next(self._ids)
+        if is_cancel_request(text):
+            job = self.job
+            if job is None or not job.cancel():
+                job = LearnJob.refused(job_id, text, 'nothing to cancel: no learn request active')
+            self.on_status(job)           # a training thread stops at its next step, saving nothing
+            return job
+        try:
+            request = parse_learn_request(text)
+            if not self.concepts_dir:
+                raise LearnRequestError('concepts_dir is not set: learned concepts have nowhere to go')
+            if self.job is not None and self.job.active:
+                raise LearnRequestError(f'busy: still learning {self.job.request.name!r} '
+                                        f'(request {self.job.id})')
+        except LearnRequestError as err:
+            job = LearnJob.refused(job_id, text, str(err))
+            self.on_status(job)
+            return job
+        self.job = LearnJob(job_id, request, self.config.frames)
+        self.on_status(self.job)
+        return self.job
+
+    def step(self, engine, rgb=None, now=None):
+        """Advance the active job on the engine's thread: start collecting, crop a frame, time out."""
+        job = self.job
+        if job is None:
+            return
+        if job.state == 'queued':
+            try:
+                engine.check_new_concept(job.request.name, job.request.aliases)
+            except ConceptError as err:
+                job.fail(str(err))
+            else:
+                job.start_collecting(now)
+            self.on_status(job)
+        if rgb is not None and job.state == 'collecting':
+            self._collect(engine, job, rgb)
+        if job.expired(self.config.timeout, now):
+            job.fail(f'only {job.seen} of {job.frames} frames arrived within {self.config.timeout:.0f} s')
+            self.on_status(job)
+
+    def _collect(self, engine, job, rgb):
+        try:
+            job.add_frame(rgb, engine.class_mask(rgb, job.request.class_word), self.config.margin)
+            if job.state == 'training':
+                trainer = engine.trainer()   # built between frames; it trains on private copies
+                self.thread = threading.Thread(target=self._train, args=(job, trainer), name='diffseg-learn',
+                                               daemon=True)
+                self.thread.start()
+        except Exception as err:
+            job.fail(f'collecting failed: {type(err).__name__}: {err}')
+        self.on_status(job)
+
+    def _train(self, job, trainer):
+        """Training thread: train and save the concept, then let the engine's thread install it."""
+        try:
+            train_job(job, trainer, self.concepts_dir, next_free_token(self.concepts_dir, job.request.name),
+                      self.config.training, report=lambda: self.on_status(job),
+                      cancelled=lambda: self.closed or job.cancelled)
+        except LearnCancelled:
+            return
+        except Exception as err:   # nothing was saved: existing concepts are untouched
+            job.fail(f'training failed: {type(err).__name__}: {err}')
+            self.on_status(job)
+            return
+        self._trained = job
+        self.wake()
+
+    def take_trained(self):
+        """Return the job whose concept was saved and waits to be installed (once), else None."""
+        job, self._trained = self._trained, None
+        return job
+
+    def close(self):
+        """Stop training at its next step (nothing is saved)."""
+        self.closed = True
+        if self.thread is not None:
+            self.thread.join(timeout=10.0)

@@ -1,19 +1,31 @@
-"""The node's model side: the active queries of a frame, semantic or per instance, with personal concepts.
+"""The segmentation node's model side: queries, semantic or instance path, concepts, learning from the camera.
 
 Query sets of plain text take the semantic path: the configured method, one UNet forward, each query's
 mask doubling as its instance. As soon as a phrase names a concept ("my mug"), the whole set takes the
 instance path (PersonalSegmenter: foreground of the class word, spectral clustering, Hungarian
 assignment; its first forward also serves the plain phrases). Plain queries thus keep their exact
 semantics and cost (method, CRF, mask threshold; no self-attention product or clustering), and planners
-read the same assignments either way. ROS-free; not thread-safe: one thread (the node's worker) calls it.
+read the same assignments either way. ROS-free; one thread (the node's worker) calls it, except
+`learn`, which any thread may call.
 """
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 import os
 
 from .assignments import instance_labels, semantic_instances
 from .concepts import ConceptError, ConceptLibrary, normalise_name, safe_folder_name
 from .instances import InstanceQuery, PersonalConfig, PersonalSegmenter
-from .segmenter import Segmenter
+from .learn_job import LearnConfig, LearnFlow
+from .segmenter import Segmenter, SegmenterConfig
+from .settings import section, setting, Settings
+
+
+@dataclass
+class EngineConfig(Settings):
+    segmenter: SegmenterConfig = section(SegmenterConfig, '')
+    concepts_dir: str = setting('', "folder of personal concepts (one subfolder each, `diffseg concept learn "
+                                    "--out`); '' = none")
+    instances: PersonalConfig = section(PersonalConfig, 'instances')
+    learn: LearnConfig = section(LearnConfig, 'learn')
 
 
 @dataclass
@@ -53,39 +65,42 @@ class ReloadReport:
         return f'{text}; {self.note}' if self.note else text
 
 
-def instance_config(config, sd):
-    """Return the instance path's config: T2M SelfCross (its defaults if another method is set).
-
-    Frames keep their own size between the model's training size (concepts are learned there) and
-    image_size: learned K/V do not carry over to resampled frames (SynthMug, 4 mugs, 128-px frames: af_acc
-    0.74 at 128 px, 0.48 upscaled to 256; demo scene, 256 x 192 frames: right instance 0/6 at 128, 5/6 at
-    256).
-    """
-    if config.method != 't2m':
-        config = replace(config, method='t2m', timestep=-1, cross_layers=(), self_layers=())
-    return replace(config, min_image_size=config.min_image_size or sd.native_image_size)
-
-
 class QueryEngine:
-    """Raises ModelLoadError (model) or ValueError (configuration) from the constructor."""
+    """Raises ModelLoadError (model) or ValueError (configuration) from the constructor.
 
-    def __init__(self, config, personal_config=None, concepts_dir=''):
-        self.segmenter = Segmenter(config)
+    on_learn(job) is called whenever a learn job changes (from the calling thread); wake() when the
+    engine's thread should call `poll` soon (a learned concept waits to be installed).
+    """
+
+    def __init__(self, config, on_learn=None, wake=None):
+        self.config = config.validate()
+        self.segmenter = Segmenter(config.segmenter)
         self.library = ConceptLibrary(self.segmenter.sd)
-        personal_seg = Segmenter(instance_config(config, self.segmenter.sd), components=self.segmenter.sd)
-        self.personal = PersonalSegmenter(personal_seg, self.library, personal_config or PersonalConfig())
-        self.concepts_dir = concepts_dir
+        personal_seg = Segmenter(config.segmenter, components=self.segmenter.sd, instances=True)
+        self.personal = PersonalSegmenter(personal_seg, self.library, config.instances)
+        self.learning = LearnFlow(config.learn, config.concepts_dir, on_learn, wake)
         self.phrases = []
         self.state = QueryState([])
+        self.reload_report = ReloadReport([], {}, 'no concepts_dir set')
 
     @property
     def active(self):
         return bool(self.state.queries)
 
-    def set_config(self, config):
-        """Apply runtime threshold changes to both paths."""
-        self.segmenter.set_config(config)
-        self.personal.seg.config = instance_config(config, self.segmenter.sd)
+    @property
+    def wants_frames(self):
+        """Frames are worth handing over: queries are set or a learn job is collecting."""
+        return self.active or self.learning.collecting
+
+    def update(self, config):
+        """Apply changed settings (the runtime ones: thresholds) from the next frame on."""
+        self.config = config.validate()
+        self.segmenter.set_config(config.segmenter)
+        self.personal.seg.set_config(config.segmenter)
+
+    def describe(self):
+        """Return static facts for diagnostics and the query state: model, device, method, CRF, ..."""
+        return self.segmenter.describe()
 
     # --- concepts -------------------------------------------------------------------------------------------
     def reload(self):
@@ -93,22 +108,23 @@ class QueryEngine:
 
         If installing fails as a whole, the previous concepts stay installed.
         """
-        if not self.concepts_dir:
-            return ReloadReport([], {}, 'no concepts_dir set')
+        folder = self.config.concepts_dir
+        if not folder:
+            return self.reload_report
         previous = list(self.library.concepts)
-        if not os.path.isdir(self.concepts_dir):
+        if not os.path.isdir(folder):
             self.library.install([])
-            report = ReloadReport([], {}, f'{self.concepts_dir} does not exist yet (learned concepts go '
-                                          'there)')
+            report = ReloadReport([], {}, f'{folder} does not exist yet (learned concepts go there)')
         else:
             try:
-                loaded = self.library.load_dir(self.concepts_dir)
+                loaded = self.library.load_dir(folder)
             except Exception:
                 self.library.install(previous)
                 raise
             report = ReloadReport(loaded, dict(self.library.errors))
         self.segmenter.clear_text_cache()          # tokens may have changed meaning
         self.set_queries(self.phrases)
+        self.reload_report = report
         return report
 
     def concepts(self):
@@ -125,8 +141,40 @@ class QueryEngine:
 
     def trainer(self):
         """Return a ConceptTrainer on the base model; build it here, between frames, then train elsewhere."""
-        from ..training.custom_diffusion import ConceptTrainer   # training code only when learning
+        from .concept_learning import ConceptTrainer   # its imports cost time only when a concept is learned
         return ConceptTrainer.from_library(self.library)
+
+    # --- learning from the camera ---------------------------------------------------------------------------
+    def learn(self, text):
+        """Queue a learn request ('my mug = mug') or 'cancel'; returns its LearnJob (any thread)."""
+        return self.learning.request(text)
+
+    def poll(self):
+        """Advance learning between frames: start a queued job, time out, install a trained concept.
+
+        Returns the ReloadReport when concepts were (re)loaded, else None.
+        """
+        self.learning.step(self)
+        job = self.learning.take_trained()
+        if job is None:
+            return None
+        try:
+            report = self.reload()
+        except Exception as err:
+            job.fail(f'saved {job.concept.folder} but loading failed: {type(err).__name__}: {err}')
+            report = None
+        else:
+            concept = self.library.find(job.request.name)
+            if concept is None:
+                job.fail(f'saved {job.concept.folder} but it was not loaded: {report.summary()}')
+            else:
+                job.finish(f'learned {concept.name!r} as "{concept.phrase}" from {len(job.crops)} crops; '
+                           f'{report.summary()}')
+        self.learning.on_status(job)
+        return report
+
+    def close(self):
+        self.learning.close()
 
     # --- queries and frames ---------------------------------------------------------------------------------
     def set_queries(self, phrases):
@@ -151,6 +199,12 @@ class QueryEngine:
         truncated = [q.text for q in unique if q.prompt not in kept.queries]
         self.state = QueryState(queries, 'instances', truncated, warnings + list(kept.warnings))
         return self.state
+
+    def process(self, rgb):
+        """Serve one frame: its FrameResult for the active queries (None without any), and learning."""
+        result = self.segment(rgb) if self.active else None
+        self.learning.step(self, rgb)
+        return result
 
     def segment(self, rgb):
         """Segment a frame for the active queries; returns a FrameResult."""

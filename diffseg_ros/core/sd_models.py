@@ -1,50 +1,37 @@
-"""Load Stable Diffusion components from a local diffusers folder, offline; build seeded tiny models.
+"""Load Stable Diffusion components from a local diffusers folder, offline; build seeded random ones.
 
 The folder layout is the one of a diffusers Stable Diffusion checkpoint:
 tokenizer/, text_encoder/, vae/, unet/, scheduler/ (one config + weights per component).
 """
-from dataclasses import dataclass
 import copy
+from dataclasses import dataclass
 import hashlib
 import json
 import os
 
-os.environ.setdefault('HF_HUB_OFFLINE', '1')  # never reach for a model hub
-os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-import diffusers  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from .clip_vocab import write_clip_tokenizer
+from .model_folder import DTYPES, ModelLoadError, needs, needs_any, require_complete, resolve_model_path, \
+    torch_dtype
 
-from .clip_vocab import write_clip_tokenizer  # noqa: E402
-
-diffusers.utils.logging.set_verbosity_error()           # loading chatter is not useful on a robot console
-diffusers.utils.logging.disable_progress_bar()
-transformers.utils.logging.set_verbosity_error()
-transformers.utils.logging.disable_progress_bar()
-
-EMBEDDED_MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'embedded', 'sd-synthworld')
-DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+EMBEDDED_NAME = 'sd-synthworld'
+EMBEDDED_MODEL = resolve_model_path('', EMBEDDED_NAME)
 WEIGHT_FILES = ('model.safetensors', 'diffusion_pytorch_model.safetensors', 'pytorch_model.bin',
                 'diffusion_pytorch_model.bin')
-# Each component needs one of the listed file groups.
-REQUIRED = {
-    'tokenizer': (('vocab.json', 'merges.txt'), ('tokenizer.json',)),
-    'text_encoder': (('config.json',),),
-    'vae': (('config.json',),),
-    'unet': (('config.json',),),
-    'scheduler': (('scheduler_config.json',),),
-}
-# SD 1.x noise schedule (REFERENCE.md section 3).
+REQUIREMENTS = [
+    needs_any(('tokenizer/vocab.json', 'tokenizer/merges.txt'), ('tokenizer/tokenizer.json',)),
+    *[need for part in ('text_encoder', 'vae', 'unet') for need in (
+        needs(f'{part}/config.json'),
+        needs_any(*[(f'{part}/{w}',) for w in WEIGHT_FILES], label=f'{part}/ weights (*.safetensors)'))],
+    needs('scheduler/scheduler_config.json'),
+]
+# SD 1.x noise schedule (the papers' model).
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                    beta_schedule='scaled_linear', clip_sample=False, steps_offset=1,
                    prediction_type='epsilon')
-
-
-class ModelLoadError(RuntimeError):
-    """A model folder is missing or incomplete; the message names what is missing."""
 
 
 @dataclass
@@ -86,37 +73,12 @@ class SDComponents:
         return digest.hexdigest()[:16]
 
 
-def missing_parts(path):
-    """List what a diffusers SD folder lacks ('' list when complete)."""
-    if not os.path.isdir(path):
-        return [f'folder {path}']
-    missing = []
-    for sub, groups in REQUIRED.items():
-        absent = [[f'{sub}/{name}' for name in group if not os.path.isfile(os.path.join(path, sub, name))]
-                  for group in groups]
-        if all(absent):
-            missing += absent[0]
-        if sub in ('text_encoder', 'vae', 'unet') and not any(
-                os.path.isfile(os.path.join(path, sub, w)) for w in WEIGHT_FILES):
-            missing.append(f'{sub}/ weights (*.safetensors)')
-    return missing
-
-
-def resolve_model_path(model_path):
-    """Map '' to the embedded SynthWorld model; expand ~ and make the path absolute."""
-    return os.path.abspath(os.path.expanduser(model_path)) if model_path else EMBEDDED_MODEL
-
-
 def load_sd_components(model_path='', device='cpu', dtype='float32'):
     """Load tokenizer, text encoder, VAE, UNet and scheduler from a local folder with no network access."""
-    path = resolve_model_path(model_path)
-    missing = missing_parts(path)
-    if missing:
-        raise ModelLoadError(f'Stable Diffusion folder {path} is incomplete; missing: {", ".join(missing)}')
-    if dtype not in DTYPES:
-        raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
-    torch_dtype, dev = DTYPES[dtype], torch.device(device)
-    kwargs = dict(local_files_only=True, torch_dtype=torch_dtype)
+    path = resolve_model_path(model_path, EMBEDDED_NAME)
+    require_complete(path, REQUIREMENTS, 'Stable Diffusion')
+    dtype, dev = torch_dtype(dtype), torch.device(device)
+    kwargs = dict(local_files_only=True, torch_dtype=dtype)
     try:
         components = SDComponents(
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder='tokenizer', local_files_only=True),
@@ -124,7 +86,7 @@ def load_sd_components(model_path='', device='cpu', dtype='float32'):
             vae=AutoencoderKL.from_pretrained(path, subfolder='vae', **kwargs),
             unet=UNet2DConditionModel.from_pretrained(path, subfolder='unet', **kwargs),
             scheduler=DDPMScheduler.from_pretrained(path, subfolder='scheduler', local_files_only=True),
-            path=path, device=dev, dtype=torch_dtype)
+            path=path, device=dev, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f'could not load Stable Diffusion from {path}: {err}') from err
     for module in (components.text_encoder, components.vae, components.unet):
@@ -147,21 +109,6 @@ def save_sd_components(components, out_dir, half=False):
 
 def _half_copy(module):
     return copy.deepcopy(module).half()
-
-
-def tiny_configs():
-    """Configs of a seeded tiny SD-architecture model for tests (three UNet levels, real CLIP vocabulary)."""
-    text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, max_position_embeddings=77, projection_dim=32)
-    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-               down_block_types=('DownEncoderBlock2D',) * 2, up_block_types=('UpDecoderBlock2D',) * 2,
-               layers_per_block=1, norm_num_groups=8, sample_size=64)
-    unet = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(32, 64, 64), cross_attention_dim=32, attention_head_dim=8,
-                norm_num_groups=8,
-                down_block_types=('CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'),
-                up_block_types=('UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'))
-    return text, vae, unet
 
 
 def sd15_configs():
@@ -194,8 +141,3 @@ def build_sd_components(configs, seed=0, tokenizer_dir=None, device='cpu', dtype
     for module in (parts.text_encoder, parts.vae, parts.unet):
         module.to(parts.device, parts.dtype).eval().requires_grad_(False)
     return parts
-
-
-def save_tiny_random_model(out_dir, seed=0):
-    """Save a seeded tiny random SD-architecture model as a diffusers folder (for tests and benchmarks)."""
-    return save_sd_components(build_sd_components(tiny_configs(), seed=seed), out_dir)

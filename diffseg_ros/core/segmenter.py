@@ -2,23 +2,29 @@
 
 All active queries share one composed prompt, whose text embedding is cached per query set; the image
 latent is computed once per frame; the method reads the attention it needs from that single pass.
+
+What a Segmenter runs with (method, timestep, layers, input size, background words) is resolved in one
+place, `resolve`, from its config and the model folder's recommendations (diffseg_defaults.json).
+Other core parts (instances, concepts) use the typed methods below: prompt tokens, attention of a frame,
+method scores, and the mapping of score maps back to the frame.
 """
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 import json
 import os
 import time
 
-import cv2
 import numpy as np
 import torch
 
 from . import crf
 from .attention import AttentionCapture, has_self_attention, resolve_layers, transformer_blocks
+from .images import check_rgb, ImageProcessor
 from .methods import METHODS
-from .methods.common import resize
+from .model_folder import ModelConfig, ModelLoadError
 from .prompts import DEFAULT_BACKGROUND_WORDS, compose_prompt
-from .sd_models import DTYPES, ModelLoadError, load_sd_components
+from .sd_models import load_sd_components
+from .settings import setting
 
 # Optional per-model defaults: recommended method (+ CRF), image size, background words, and per method its
 # timestep and layers.
@@ -26,54 +32,101 @@ DEFAULTS_FILE = 'diffseg_defaults.json'
 MAX_QUERIES = 16
 MAX_QUERY_CHARS = 200
 SD_T2M_LAYERS = {'cross': [4, 5, 6, 7, 8], 'self': [11]}   # T2M's indices for the 16-block SD 1.x UNet
+TEXT_CACHE_SIZE = 8
 
 
 @dataclass
-class SegmenterConfig:
-    model_path: str = ''                 # '' = the embedded SynthWorld model
-    device: str = 'cpu'
-    dtype: str = 'float32'
-    method: str = ''                     # '' = the model's recommended method (+ its CRF choice), else t2m
-    image_size: int = 0                  # long side fed to the model; 0 = model default
-    min_image_size: int = 0              # > 0: frames between this and image_size keep their own size
-    timestep: int = -1                   # -1 = method default (t2m 150, stableseg/cross 1)
-    noise_samples: int = 1               # t2m: noise draws averaged (batched in the one forward)
-    seed: int = 0
-    cross_layers: tuple = ()             # forward-order indices or module names; empty = default
-    self_layers: tuple = ()
-    background_words: tuple = None       # None = model default
-    background_threshold: float = 0.4    # cross / stableseg: constant background score
-    box_threshold: float = 0.2           # t2m: box of regions >= this * max
-    tau: float = 0.5                     # t2m: background (2 tau - max)^2
-    mask_threshold: float = 0.0          # extra floor on a query's probability to count as foreground
-    crf: bool = False                    # dense-CRF refinement of the label map (pydensecrf2)
+class SegmenterConfig(ModelConfig):
+    method: str = setting('', "segmentation method: T2M SelfCross, StableSeg, or plain cross-attention; "
+                              "'' = the model's recommendation (its diffseg_defaults.json, with its CRF "
+                              "choice), else t2m", choices=('', *METHODS))
+    image_size: int = setting(0, 'long side in pixels of the image fed to the model; 0 = model default',
+                              low=64, high=2048, also=(0,))
+    min_image_size: int = setting(0, 'frames between this and image_size keep their own size; 0 = always '
+                                     'image_size', low=64, high=2048, also=(0,), exposed=False)
+    timestep: int = setting(-1, 'diffusion timestep of the one UNet forward; -1 = method default',
+                            low=0, high=999, also=(-1,))
+    noise_samples: int = setting(1, 't2m: noise draws averaged (batched in the one forward)', low=1, high=32)
+    seed: int = setting(0, 'seed of the noise draws (t2m), for reproducible masks')
+    cross_layers: tuple[int, ...] = setting((), 'transformer-block indices (forward order) whose '
+                                                'cross-attention is used; empty = method default')
+    self_layers: tuple[int, ...] = setting((), 'transformer-block indices (forward order) whose '
+                                               'self-attention is used; empty = method default')
+    background_words: tuple[str, ...] = setting((), 'words added to the prompt to absorb background '
+                                                    'attention (no output channel); empty = model default')
+    background_threshold: float = setting(0.4, 'cross / stableseg: constant background score',
+                                          low=0.0, high=1.0, runtime=True)
+    box_threshold: float = setting(0.2, "t2m: box around regions >= this x the query's max cross-attention",
+                                   low=0.0, high=1.0, open=('low',), runtime=True)
+    tau: float = setting(0.5, 't2m: background score (2 tau - max_k SC_k)^2', low=0.0, high=1.0,
+                         open=('low',), runtime=True)
+    mask_threshold: float = setting(0.0, "minimum probability for a pixel to count as a query's foreground",
+                                    low=0.0, high=1.0, open=('high',), runtime=True)
+    crf: bool = setting(False, "refine masks with a dense CRF (slower); method '' may turn it on as the "
+                               'model recommends')
 
-    def validate(self):
-        """Raise ValueError with a clear message for the first bad value."""
-        checks = [
-            (self.device.split(':')[0] in ('cpu', 'cuda'),
-             f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}"),
-            (self.dtype in DTYPES, f'dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}'),
-            (self.method in METHODS or not self.method,
-             f"method must be one of {sorted(METHODS)} or '' (the model's choice), got {self.method!r}"),
-            (self.image_size == 0 or 64 <= self.image_size <= 2048,
-             f'image_size must be 0 (model default) or 64..2048, got {self.image_size}'),
-            (self.min_image_size == 0 or 64 <= self.min_image_size <= 2048,
-             f'min_image_size must be 0 (always image_size) or 64..2048, got {self.min_image_size}'),
-            (-1 <= self.timestep <= 999,
-             f'timestep must be -1 (method default) or 0..999, got {self.timestep}'),
-            (1 <= self.noise_samples <= 32, f'noise_samples must be 1..32, got {self.noise_samples}'),
-            (0.0 <= self.background_threshold <= 1.0, 'background_threshold must be in [0, 1]'),
-            (0.0 < self.box_threshold <= 1.0, 'box_threshold must be in (0, 1]'),
-            (0.0 < self.tau <= 1.0, 'tau must be in (0, 1]'),
-            (0.0 <= self.mask_threshold < 1.0, 'mask_threshold must be in [0, 1)'),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if self.device.startswith('cuda') and not torch.cuda.is_available():
-            raise ValueError('device is cuda but no CUDA device is available')
-        return self
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a Segmenter runs with once the model's recommendations fill what its config leaves open."""
+
+    method: str
+    crf: bool
+    timestep: int
+    image_size: int
+    min_image_size: int
+    cross_layers: tuple          # module names
+    self_layers: tuple
+    background_words: tuple
+
+
+def read_model_defaults(model_path):
+    """Return the model folder's diffseg_defaults.json ({} when there is none)."""
+    path = os.path.join(model_path, DEFAULTS_FILE) if model_path else ''
+    if not (path and os.path.isfile(path)):
+        return {}
+    try:
+        with open(path, encoding='utf-8') as f:
+            defaults = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f'unreadable {path}: {err}') from None
+    if not isinstance(defaults, dict):
+        raise ModelLoadError(f'{path} must hold a JSON object')
+    return defaults
+
+
+def resolve(config, sd, model_defaults, instances=False):
+    """Resolve a config against the model: the one place recommendations and paper defaults apply.
+
+    Semantic path: method '' = the model's recommendation (and its CRF choice; an explicit CRF stays on),
+    else t2m. Instance path (`instances`): always T2M SelfCross (another configured method's timestep and
+    layers do not apply), and frames keep their own size down to the model's training size, where learned
+    concepts bind (their K/V do not carry over to resampled frames).
+    """
+    method, crf_on = config.method, config.crf
+    timestep, cross, selfs = config.timestep, config.cross_layers, config.self_layers
+    if instances:
+        if method != 't2m':
+            timestep, cross, selfs = -1, (), ()
+        method = 't2m'
+    elif not method:
+        method = model_defaults.get('method', 't2m')
+        if method not in METHODS:
+            raise ModelLoadError(f'{DEFAULTS_FILE} of the model recommends an unknown method {method!r} '
+                                 f'(known: {sorted(METHODS)})')
+        crf_on = crf_on or bool(model_defaults.get('crf', False))
+    own = model_defaults.get('methods', {}).get(method, {})
+    papers = default_layers(sd.unet, method)
+    cross = list(cross) or own.get('cross') or papers['cross']
+    selfs = list(selfs) or own.get('self', papers['self'])
+    return Resolved(
+        method=method, crf=crf_on,
+        timestep=timestep if timestep >= 0 else own.get('timestep', METHODS[method].DEFAULT_TIMESTEP),
+        image_size=config.image_size or model_defaults.get('image_size', 512),
+        min_image_size=config.min_image_size or (sd.native_image_size if instances else 0),
+        cross_layers=tuple(resolve_layers(sd.unet, cross)), self_layers=tuple(resolve_layers(sd.unet, selfs)),
+        background_words=tuple(config.background_words
+                               or model_defaults.get('background_words', DEFAULT_BACKGROUND_WORDS)))
 
 
 @dataclass
@@ -84,11 +137,22 @@ class QuerySet:
 
 
 @dataclass
+class PromptTokens:
+    """The composed prompt of the active queries, as the text encoder read it."""
+
+    text: str
+    input_ids: list              # padded token ids
+    spans: list                  # per kept query: token positions (after merging, for StableSeg)
+    queries: list                # kept queries, in label order
+    truncated: list
+    embeddings: torch.Tensor = field(repr=False)    # [1, T, D]
+
+
+@dataclass
 class FrameAttention:
     capture: AttentionCapture    # maps of the frame's single UNet forward
     spans: list                  # token positions of each active query
-    valid: tuple                 # (h, w) of the resized image inside the padded model input
-    out_size: tuple              # (H, W) of the input frame
+    where: object                # images.ModelInput: where the frame sits in the padded model input
     timings: dict
 
 
@@ -101,74 +165,43 @@ class SegmentationResult:
     timings: dict
 
 
-def recommended(config, model_defaults):
-    """Return the config with the model's recommended method and CRF choice when no method is set.
-
-    A model folder's defaults file names the method (and whether to refine with the CRF) that segments best
-    with that model; without one, T2M. An explicit method leaves the config as given.
-    """
-    if config.method:
-        return config
-    method = model_defaults.get('method', 't2m')
-    if method not in METHODS:
-        raise ModelLoadError(f'{DEFAULTS_FILE} of the model recommends an unknown method {method!r} '
-                             f'(known: {sorted(METHODS)})')
-    return replace(config, method=method, crf=config.crf or bool(model_defaults.get('crf', False)))
-
-
 class Segmenter:
-    def __init__(self, config, components=None):
-        config.validate()
+    """Raises ModelLoadError (model) or ValueError (configuration) from the constructor.
+
+    instances=True resolves the config for the instance path (`resolve`).
+    """
+
+    def __init__(self, config, components=None, instances=False):
+        config.validate()           # before loading: a bad device or dtype is refused at once
         self.sd = components or load_sd_components(config.model_path, config.device, config.dtype)
-        self.model_defaults = self._read_model_defaults()
-        self.set_config(config)
-        self.method = METHODS[self.config.method]
-        self.cross_layers, self.self_layers = self._choose_layers()
-        self.timestep = (config.timestep if config.timestep >= 0 else
-                         self._method_defaults().get('timestep', self.method.DEFAULT_TIMESTEP))
-        self.image_size = config.image_size or self.model_defaults.get('image_size', 512)
-        words = config.background_words
-        self.background_words = tuple(self.model_defaults.get('background_words', DEFAULT_BACKGROUND_WORDS)
-                                      if words is None else words)
+        self.model_defaults = read_model_defaults(self.sd.path)
+        self.images = ImageProcessor(self.sd.pad_multiple, self.sd.vae_scale_factor)
+        self.instances = instances
         self._text_cache = OrderedDict()
         self.prompt = None
+        self.settings = None
+        self.set_config(config)
 
     # --- configuration -------------------------------------------------------------------------------
     def set_config(self, config):
-        """Use `config` from the next frame (runtime threshold changes); method '' = the model's choice."""
-        self.config = recommended(config, self.model_defaults)
+        """Use `config` from the next frame; everything derived from it is resolved again.
 
-    def _read_model_defaults(self):
-        path = os.path.join(self.sd.path, DEFAULTS_FILE) if self.sd.path else ''
-        if not (path and os.path.isfile(path)):
-            return {}
-        try:
-            with open(path, encoding='utf-8') as f:
-                defaults = json.load(f)
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f'unreadable {path}: {err}') from None
-        if not isinstance(defaults, dict):
-            raise ModelLoadError(f'{path} must hold a JSON object')
-        return defaults
-
-    def _method_defaults(self):
-        """Return this method's entry of the model's defaults file ({} when there is none)."""
-        return self.model_defaults.get('methods', {}).get(self.config.method, {})
-
-    def _choose_layers(self):
-        """Choose configured layers, else the model's defaults file, else the papers' choices for SD."""
-        papers = default_layers(self.sd.unet, self.config.method)
-        model = self._method_defaults()
-        cross = list(self.config.cross_layers) or model.get('cross') or papers['cross']
-        selfs = list(self.config.self_layers) or model.get('self', papers['self'])
-        return resolve_layers(self.sd.unet, cross), resolve_layers(self.sd.unet, selfs)
+        Prompt embeddings are recomputed only when the prompt changes (method prefix, background words).
+        """
+        settings = resolve(config.validate(), self.sd, self.model_defaults, self.instances)
+        old = self.settings
+        self.config, self.settings, self.method = config, settings, METHODS[settings.method]
+        prompt_changed = old is not None and (old.method, old.background_words) != (settings.method,
+                                                                                    settings.background_words)
+        if prompt_changed:
+            self.clear_text_cache()
 
     def describe(self):
         """Return static facts for diagnostics."""
-        return dict(model=self.sd.path, device=str(self.sd.device), dtype=self.config.dtype,
-                    method=self.config.method, crf=self.config.crf, timestep=self.timestep,
-                    image_size=self.image_size,
-                    cross_layers=self.cross_layers, self_layers=self.self_layers)
+        s = self.settings
+        return dict(model=self.sd.path, device=str(self.sd.device), dtype=self.config.dtype, method=s.method,
+                    crf=s.crf, timestep=s.timestep, image_size=s.image_size,
+                    cross_layers=list(s.cross_layers), self_layers=list(s.self_layers))
 
     # --- queries -------------------------------------------------------------------------------------
     def set_queries(self, queries):
@@ -178,18 +211,21 @@ class Segmenter:
             self.prompt = None
             return QuerySet([], [], warnings)
         self.prompt = self._text(tuple(cleaned))
-        truncated = self.prompt['truncated']
-        if truncated:
+        if self.prompt.truncated:
             warnings.append(f'prompt longer than {self.sd.tokenizer.model_max_length} tokens; dropped: '
-                            + ', '.join(truncated))
-        return QuerySet(list(self.prompt['queries']), list(truncated), warnings)
+                            + ', '.join(self.prompt.truncated))
+        return QuerySet(list(self.prompt.queries), list(self.prompt.truncated), warnings)
+
+    def token_ids(self, text):
+        """Token ids of a piece of text, without start and end tokens (to find it inside a prompt)."""
+        return self.sd.tokenizer(text, add_special_tokens=False).input_ids
 
     def clear_text_cache(self):
         """Forget cached prompt embeddings (the tokenizer or text encoder changed, e.g. concepts installed).
 
         The active queries stay active; their embedding is recomputed.
         """
-        active = tuple(self.prompt['queries']) if self.prompt else None
+        active = tuple(self.prompt.queries) if self.prompt else None
         self._text_cache.clear()
         self.prompt = self._text(active) if active else None
 
@@ -198,17 +234,18 @@ class Segmenter:
         if queries in self._text_cache:
             self._text_cache.move_to_end(queries)
             return self._text_cache[queries]
-        prompt = compose_prompt(self.sd.tokenizer, queries, self.method.PROMPT_PREFIX, self.background_words)
+        prompt = compose_prompt(self.sd.tokenizer, queries, self.method.PROMPT_PREFIX,
+                                self.settings.background_words)
         ids = torch.tensor([prompt.input_ids], device=self.sd.device)
         with torch.inference_mode():
             embeddings = self.sd.text_encoder(ids)[0]
         spans = prompt.spans
         if hasattr(self.method, 'merge_query_tokens'):
             embeddings, spans = self.method.merge_query_tokens(embeddings, spans)
-        entry = dict(embeddings=embeddings, spans=spans, queries=prompt.queries, truncated=prompt.truncated,
-                     text=prompt.text, input_ids=prompt.input_ids)
+        entry = PromptTokens(prompt.text, prompt.input_ids, spans, prompt.queries, prompt.truncated,
+                             embeddings)
         self._text_cache[queries] = entry
-        if len(self._text_cache) > 8:
+        if len(self._text_cache) > TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)
         return entry
 
@@ -219,12 +256,8 @@ class Segmenter:
             self.set_queries(queries)
         frame = self.attend(rgb)
         start = time.perf_counter()
-        scores = self.method.scores(frame.capture, frame.spans, cross_layers=self.cross_layers,
-                                    self_layers=self.self_layers, tau=self.config.tau,
-                                    background_threshold=self.config.background_threshold,
-                                    box_threshold=self.config.box_threshold)
-        full = self.to_image(scores, frame)
-        if self.config.crf:
+        full = self.to_image(self.scores(frame), frame)
+        if self.settings.crf:
             full = torch.from_numpy(crf.refine(check_rgb(rgb), full.clamp(0, 1).numpy()))
         result = self._postprocess(full)
         result.timings = dict(frame.timings, post=time.perf_counter() - start)
@@ -239,56 +272,56 @@ class Segmenter:
         if self.prompt is None:
             raise ValueError('no active query: call set_queries() first')
         rgb = check_rgb(rgb)
-        cross = self.cross_layers if cross_layers is None else cross_layers
-        selfs = self.self_layers if self_layers is None else self_layers
+        s = self.settings
+        cross = s.cross_layers if cross_layers is None else cross_layers
+        selfs = s.self_layers if self_layers is None else self_layers
         start = time.perf_counter()
         with torch.inference_mode():
-            pixels, valid = self._preprocess(rgb)
-            latents = self._noised(self._encode(pixels))
+            pixels, where = self.images.preprocess(rgb, self.input_size(max(rgb.shape[:2])))
+            latents = self._noised(self.encode(pixels.to(self.sd.device, self.sd.dtype)))
             encoded = time.perf_counter()
-            text = self.prompt['embeddings'].expand(len(latents), -1, -1)
-            timesteps = torch.tensor([self.timestep] * len(latents), device=latents.device)
+            text = self.prompt.embeddings.expand(len(latents), -1, -1)
+            timesteps = torch.tensor([s.timestep] * len(latents), device=latents.device)
             with AttentionCapture(self.sd.unet, cross, selfs) as capture:
                 capture.run(latents, timesteps, text)
         timings = dict(encode=encoded - start, unet=time.perf_counter() - encoded)
-        return FrameAttention(capture, self.prompt['spans'], valid, rgb.shape[:2], timings)
+        return FrameAttention(capture, self.prompt.spans, where, timings)
+
+    def scores(self, frame, spans=None):
+        """Return the method's scores [K+1, h, w] (channel 0: background) for the frame's or given spans."""
+        s, c = self.settings, self.config
+        return self.method.scores(frame.capture, frame.spans if spans is None else spans,
+                                  cross_layers=s.cross_layers, self_layers=s.self_layers, tau=c.tau,
+                                  background_threshold=c.background_threshold, box_threshold=c.box_threshold)
 
     def to_image(self, maps, frame):
         """Map scores [C, h, w] over the padded model input to [C, H, W] at the frame's resolution."""
-        padded = tuple(d * self.sd.vae_scale_factor for d in self.sd_latent_size(frame.valid))
-        full = resize(maps[None].float(), padded)[0, :, :frame.valid[0], :frame.valid[1]]
-        return resize(full[None], frame.out_size)[0]
+        return self.images.postprocess(maps, frame.where)
+
+    def cells_inside(self, frame, size):
+        """Bool [h, w]: cells of a size-(h, w) grid over the model input whose centre lies in the frame."""
+        return self.images.cells_inside(frame.where, size)
 
     def input_size(self, long_side):
         """Return the long side a frame is fed at: image_size, or its own in [min_image_size, image_size]."""
-        if not self.config.min_image_size:
-            return self.image_size
-        return min(max(long_side, self.config.min_image_size), self.image_size)
+        s = self.settings
+        if not s.min_image_size:
+            return s.image_size
+        return min(max(long_side, s.min_image_size), s.image_size)
 
-    def _preprocess(self, rgb):
-        """Resize keeping aspect (long side = input_size), pad bottom/right to the UNet's multiple."""
-        h, w = rgb.shape[:2]
-        scale = self.input_size(max(h, w)) / max(h, w)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        m = self.sd.pad_multiple
-        pad_h, pad_w = -size[1] % m, -size[0] % m
-        padded = cv2.copyMakeBorder(resized, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
-        pixels = torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-        return pixels.to(self.sd.device, self.sd.dtype), (size[1], size[0])
-
-    def _encode(self, pixels):
+    def encode(self, pixels):
         """Clean image latent (posterior mean, scaled as in SD training)."""
         return self.sd.vae.encode(pixels).latent_dist.mean * self.sd.latent_scaling
 
     def _noised(self, latent):
         """t2m noises the latent at its timestep, one seeded draw per noise sample; others use it clean."""
-        if self.method is not METHODS['t2m'] or self.timestep == 0:
+        timestep = self.settings.timestep
+        if self.method is not METHODS['t2m'] or timestep == 0:
             return latent
         generator = torch.Generator(device='cpu').manual_seed(self.config.seed)
         noise = torch.randn((self.config.noise_samples, *latent.shape[1:]), generator=generator)
         return self.sd.scheduler.add_noise(latent.expand(len(noise), -1, -1, -1), noise.to(latent),
-                                           torch.tensor([self.timestep]))
+                                           torch.tensor([timestep]))
 
     def _postprocess(self, full):
         """Scores [K+1, H, W] (channel 0 background) -> probabilities, labels and masks."""
@@ -297,13 +330,8 @@ class Segmenter:
         if self.config.mask_threshold > 0:
             labels[full.max(0).values < self.config.mask_threshold] = 0
         masks = torch.stack([labels == i + 1 for i in range(full.shape[0] - 1)])
-        return SegmentationResult(list(self.prompt['queries']), full[1:].numpy().astype(np.float32),
+        return SegmentationResult(list(self.prompt.queries), full[1:].numpy().astype(np.float32),
                                   labels.numpy().astype(np.uint8), masks.numpy(), {})
-
-    def sd_latent_size(self, valid):
-        """Latent size of the padded input for a valid (resized) image size."""
-        m, f = self.sd.pad_multiple, self.sd.vae_scale_factor
-        return tuple(-(-d // m) * m // f for d in valid)
 
 
 def default_layers(unet, method):
@@ -341,13 +369,3 @@ def clean_queries(queries):
         warnings.append(f'more than {MAX_QUERIES} queries; dropped: ' + ', '.join(cleaned[MAX_QUERIES:]))
         cleaned = cleaned[:MAX_QUERIES]
     return cleaned, warnings
-
-
-def check_rgb(rgb):
-    """Validate an RGB frame: uint8 [H, W, 3] with H, W >= 8."""
-    rgb = np.asarray(rgb)
-    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f'expected an RGB uint8 image [H, W, 3], got {rgb.dtype} {rgb.shape}')
-    if min(rgb.shape[:2]) < 8:
-        raise ValueError(f'image too small to segment: {rgb.shape[1]}x{rgb.shape[0]}')
-    return np.ascontiguousarray(rgb)

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 LATENT_CHANNELS = 4
-# SD 1.x noise schedule (REFERENCE.md section 3) with DDIM trailing spacing (REFERENCE.md section 6).
+# SD 1.x noise schedule with DDIM trailing spacing (999, 979, ..., 19 for 50 steps), as LDMSeg samples.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
                 clip_sample=False, set_alpha_to_one=True, steps_offset=1, prediction_type='epsilon',
                 timestep_spacing='trailing')

@@ -8,7 +8,7 @@ Label spaces: the model works with ids 1..127 (0 = void). `complete` remaps the 
 (core.geometry.remap_labels) and maps the result back, so known segments keep their ids; segments the model
 adds get fresh ids above the largest input label.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 import copy
 import json
 import os
@@ -21,14 +21,18 @@ from scipy import ndimage
 from safetensors.torch import load_file, save_file
 
 from ..core.geometry import remap_labels, restore_labels
-from ..core.sd_models import DTYPES, ModelLoadError
+from ..core.images import to_pixels
+from ..core.model_folder import ModelLoadError, needs, require_complete, resolve_model_path, torch_dtype
 from .autoencoder import MaskAutoencoder, MaskAutoencoderConfig
 from .bits import NUM_IDS
 from .inpaint import DEFAULT_MIN_FRACTION, encode_known, known_cells
 from .model import ddim_sample, make_scheduler
 
-EMBEDDED_LDMSEG = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'embedded', 'ldmseg-synthworld')
+EMBEDDED_NAME = 'ldmseg-synthworld'
+EMBEDDED_LDMSEG = resolve_model_path('', EMBEDDED_NAME)
 AE_FILE = 'mask_autoencoder.safetensors'
+REQUIREMENTS = [needs(name) for name in ('config.json', AE_FILE, 'unet/config.json', 'vae/config.json',
+                                         'scheduler/scheduler_config.json')]
 
 
 def paper_min_area(width, height):
@@ -153,19 +157,17 @@ class LDMSeg:
         return path
 
     @classmethod
-    def load(cls, path='', device='cpu', dtype='float32'):
-        """Load a model folder ('' = the embedded SynthWorld model) for inference."""
-        path = os.path.abspath(os.path.expanduser(path)) if path else EMBEDDED_LDMSEG
-        needed = ['config.json', AE_FILE, 'unet/config.json', 'vae/config.json',
-                  'scheduler/scheduler_config.json']
-        missing = [name for name in needed if not os.path.isfile(os.path.join(path, name))]
-        if missing:
-            raise ModelLoadError(f'LDMSeg folder {path} is incomplete; missing: {", ".join(missing)}')
-        if dtype not in DTYPES:
-            raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+    def load(cls, path='', device='cpu', dtype='float32', **settings):
+        """Load a model folder ('' = the embedded SynthWorld model) for inference.
+
+        settings: LDMSegConfig fields to use instead of the folder's (e.g. fill_void=False, samples=1).
+        """
+        path = resolve_model_path(path, EMBEDDED_NAME)
+        require_complete(path, REQUIREMENTS, 'LDMSeg')
+        dtype = torch_dtype(dtype)
         with open(os.path.join(path, 'config.json')) as f:
-            config = LDMSegConfig.from_dict(json.load(f))
-        kwargs = dict(local_files_only=True, torch_dtype=DTYPES[dtype])
+            config = replace(LDMSegConfig.from_dict(json.load(f)), **settings)
+        kwargs = dict(local_files_only=True, torch_dtype=dtype)
         try:
             unet = UNet2DModel.from_pretrained(os.path.join(path, 'unet'), **kwargs)
             vae = AutoencoderKL.from_pretrained(os.path.join(path, 'vae'), **kwargs)
@@ -174,7 +176,7 @@ class LDMSeg:
             ae.load_state_dict(load_file(os.path.join(path, AE_FILE)))
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ModelLoadError(f'could not load LDMSeg from {path}: {err}') from err
-        model = cls(vae.to(device), ae.to(device, DTYPES[dtype]), unet.to(device), config, scheduler)
+        model = cls(vae.to(device), ae.to(device, dtype), unet.to(device), config, scheduler)
         model.path = path
         return model
 
@@ -182,8 +184,7 @@ class LDMSeg:
     @torch.no_grad()
     def encode_images(self, images):
         """uint8 (B, H, W, 3) -> scaled image latents (B, 4, H/f, W/f)."""
-        pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        latents = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.mean
+        latents = self.vae.encode(to_pixels(images).to(self.device, self.dtype)).latent_dist.mean
         return latents * self.config.image_scaling
 
     @torch.no_grad()
@@ -324,17 +325,3 @@ def vote_samples(samples, known_ids, config):
     winner = candidates[np.stack([(votes == c).sum(0) for c in candidates]).argmax(0)]
     merged = np.where(winner == -1, np.where(added[0], samples[0], 0), winner)
     return make_dense(merged, config.min_area) if config.fill_void else merged
-
-
-def tiny_random_ldmseg(seed=0, size=32):
-    """Build a seeded, randomly initialised tiny LDMSeg (f = 2 image VAE) for tests of code using LDMSeg."""
-    from ..core.sd_models import tiny_configs
-    from .model import build_unet, unet_config
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**tiny_configs()[1])
-    ae = MaskAutoencoder(MaskAutoencoderConfig.for_factor(2, (8, 16), decoder_channels=16, norm_groups=8))
-    unet = build_unet(unet_config((16, 32), attention=(False, True), norm_num_groups=8, head_dim=8,
-                                  sample_size=size // 2))
-    config = LDMSegConfig(size=(size, size), image_scaling=float(vae.config.scaling_factor), steps=3,
-                          min_area=paper_min_area(size, size), autoencoder=ae.config.to_dict())
-    return LDMSeg(vae, ae, unet, config)

@@ -1,11 +1,10 @@
-"""Counters shared by the node's callbacks and worker, and their /diagnostics report."""
+"""Counters shared by a node's callbacks and worker, their /diagnostics report, and log throttling."""
 from collections import deque
 import threading
 import time
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-STATUS_NAME = 'diffseg: segmentation'
 LATENCY_WINDOW = 20
 
 
@@ -78,22 +77,6 @@ class NodeStats:
         return copy
 
 
-def _status_level(stats):
-    """ERROR after a failed frame, WARN while images arrive without a query, OK otherwise.
-
-    ERROR holds while the latest frame is bad and for the first report after any bad frame.
-    """
-    if stats['last_frame_failed'] or stats['failed_since_report']:
-        return DiagnosticStatus.ERROR, f"frame failed: {stats['last_error']}"
-    if not stats['queries'] and stats['received']:
-        return DiagnosticStatus.WARN, 'images arrive but no query is set (publish one on the query topic)'
-    if not stats['queries']:
-        return DiagnosticStatus.OK, 'waiting for a query and images'
-    if not stats['received']:
-        return DiagnosticStatus.OK, 'waiting for images'
-    return DiagnosticStatus.OK, f"segmenting; active queries: {len(stats['queries'])}"
-
-
 def timing_values(stats, now):
     """Return the rolling inference latency and the result age (now - last result stamp) as report values."""
     latency = sum(stats['latencies']) / len(stats['latencies']) if stats['latencies'] else None
@@ -114,29 +97,19 @@ def diagnostic_array(level, name, message, hardware_id, values, now):
     return array
 
 
-def build_diagnostics(stats, describe, now):
-    """One DiagnosticArray with the node's status; now is an rclpy Time of the node clock."""
-    level, message = _status_level(stats)
-    values = {
-        'model': describe.get('model', ''),
-        'device': describe.get('device', ''),
-        'dtype': describe.get('dtype', ''),
-        'method': describe.get('method', ''),
-        'queries': '; '.join(stats['queries']),
-        'concepts': '; '.join(stats['concepts']),
-        'concepts refused': stats['concepts_refused'],
-        'learn': stats['learn'],
-        **timing_values(stats, now),
-        'frames received': stats['received'],
-        'frames processed': stats['processed'],
-        'frames dropped': stats['dropped'],
-        'frames rejected': stats['rejected'],
-        'frames failed': stats['failed'],
-        'frames without query': stats['waiting'],
-        'queries rejected': stats['queries_rejected'],
-        'last error': stats['last_error'],
-    }
-    return diagnostic_array(level, STATUS_NAME, message, str(describe.get('model', '')), values, now)
+def build_diagnostics(name, node, facts, status, state, counters, stats, now, waiting_label='frames waiting'):
+    """Build the /diagnostics report of a node: a DiagnosticArray with one status.
+
+    facts: model facts (model, device, dtype, ...); status: (level, message); state: what the node is doing
+    (queries, learning, ...); counters: the node's own input counters; stats: a NodeStats.report().
+    """
+    level, message = status
+    values = {'node': node, **facts, **state, **timing_values(stats, now),
+              'frames received': stats['received'], 'frames processed': stats['processed'],
+              'frames dropped': stats['dropped'], 'frames rejected': stats['rejected'],
+              'frames failed': stats['failed'], waiting_label: stats['waiting'], **counters,
+              'last error': stats['last_error']}
+    return diagnostic_array(level, name, message, str(facts.get('model', '')), values, now)
 
 
 class RepeatFilter:

@@ -1,6 +1,6 @@
 """sensor_msgs/Image <-> numpy with cv_bridge semantics, without cv_bridge.
 
-cv_bridge is not installable here (REFERENCE section 7), so this module decodes the handful of
+cv_bridge is not installable as a wheel, so this module decodes the handful of
 encodings a segmentation node meets: colour, grey, depth (REP-118) and label images.
 Decoded arrays are always native-endian, C-contiguous copies that own their memory, so the
 message buffer can be released as soon as the callback returns.

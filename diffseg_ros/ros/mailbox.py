@@ -1,7 +1,8 @@
 """Newest-only hand-over from ROS callbacks to the inference worker.
 
 Each kind of work ('queries', 'frame') has one slot: a newer item replaces an unread one, so a
-slow model never builds a backlog and always works on the latest frame (REFERENCE section 8).
+slow model never builds a backlog and always works on the latest frame (the latest-frame worker of
+well-liked ROS perception packages).
 """
 import threading
 

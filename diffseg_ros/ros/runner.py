@@ -5,6 +5,8 @@ import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.impl.implementation_singleton import rclpy_implementation
 
+from ..core.model_folder import quiet_model_libraries
+
 # rcl errors about the context raced by SIGINT (a publish or wait set between shutdown and spin's exit)
 RCLError = rclpy_implementation.RCLError
 
@@ -18,6 +20,7 @@ def run_node(make_node, name, args, failures=(), make_executor=None):
     they are logged as one error line with no traceback (the first matching type wins).
     make_executor: returns the executor to spin with (default: rclpy's single-threaded one).
     """
+    quiet_model_libraries()
     try:
         rclpy.init(args=args)
     except Exception as err:   # malformed --ros-args: rcl's message says which

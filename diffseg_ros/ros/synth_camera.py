@@ -19,16 +19,16 @@ import json
 import sys
 
 import numpy as np
-from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header, String
 
 from ..core.geometry import depth_to_points
+from ..core.settings import setting
 from ..synthworld import camera_orbit, describe, generate_scene, render, visible_objects
 from .image_codec import numpy_to_image_msg
+from .params import declare_settings, ParameterError
 from .pointcloud import camera_info_msg, labelled_cloud_msg
 from .runner import run_node
 
@@ -37,21 +37,24 @@ EXIT_BAD_PARAMETER = 2
 # Reliable publishers match reliable and best-effort subscribers alike.
 CAMERA_QOS = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
 
-# name: (default, description, check, rule)
-PARAMETERS = {
-    'seed': (0, 'seed of the first scene; scene k uses seed + k', lambda v: v >= 0, '>= 0'),
-    'scenes': (4, 'number of scenes in the sequence', lambda v: v >= 1, '>= 1'),
-    'frames_per_scene': (30, 'frames of the camera orbit around each scene', lambda v: v >= 1, '>= 1'),
-    'width': (320, 'image width in pixels', lambda v: 16 <= v <= 4096, '16..4096'),
-    'height': (240, 'image height in pixels', lambda v: 16 <= v <= 4096, '16..4096'),
-    'fov_deg': (55.0, 'horizontal field of view in degrees', lambda v: 10.0 <= v <= 150.0, '10..150'),
-    'rate': (5.0, 'frames per second', lambda v: 0.0 < v <= 100.0, '(0, 100]'),
-    'loop': (True, 'start the sequence again after the last scene', lambda v: True, ''),
-    'show_only': ('', "phrase of the only object drawn (e.g. 'red mug'): a teaching view; '' = every object",
-                  lambda v: True, ''),
-    'frame_id': ('camera_optical_frame', 'frame_id of every header (REP-103 optical frame)', bool,
-                 'not empty'),
-}
+
+@dataclass
+class CameraSettings:
+    seed: int = setting(0, 'seed of the first scene; scene k uses seed + k', low=0)
+    scenes: int = setting(4, 'number of scenes in the sequence', low=1)
+    frames_per_scene: int = setting(30, 'frames of the camera orbit around each scene', low=1)
+    width: int = setting(320, 'image width in pixels', low=16, high=4096)
+    height: int = setting(240, 'image height in pixels', low=16, high=4096)
+    fov_deg: float = setting(55.0, 'horizontal field of view in degrees', low=10.0, high=150.0)
+    rate: float = setting(5.0, 'frames per second', low=0.0, high=100.0, open=('low',))
+    loop: bool = setting(True, 'start the sequence again after the last scene')
+    show_only: str = setting('', "phrase of the only object drawn (e.g. 'red mug'): a teaching view; '' = "
+                                 'every object')
+    frame_id: str = setting('camera_optical_frame', 'frame_id of every header (REP-103 optical frame)',
+                            constraint='not empty')
+
+    def invariants(self):
+        yield bool(self.frame_id), 'frame_id must not be empty'
 
 
 @dataclass
@@ -102,13 +105,12 @@ def scene_info(frame, header):
 
 
 class SynthCamera(Node):
-    """Raises ValueError from the constructor for a bad parameter value."""
+    """Raises ParameterError from the constructor for a bad parameter value."""
 
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
-        self.settings = self._declare_parameters()
-        s = self.settings
-        self.frames = self._endless_frames() if s['loop'] else self._sequence()
+        self.settings = s = declare_settings(self, CameraSettings)
+        self.frames = self._endless_frames() if s.loop else self._sequence()
         self.pubs = {
             'image': self.create_publisher(Image, 'camera/image', CAMERA_QOS),
             'depth': self.create_publisher(Image, 'camera/depth', CAMERA_QOS),
@@ -117,29 +119,13 @@ class SynthCamera(Node):
             'instances': self.create_publisher(Image, 'camera/instances', CAMERA_QOS),
             'scene_info': self.create_publisher(String, 'camera/scene_info', CAMERA_QOS),
         }
-        self.timer = self.create_timer(1.0 / s['rate'], self._publish_next)
-        self.get_logger().info(f"publishing {s['scenes']} scenes x {s['frames_per_scene']} frames "
-                               f"({s['width']}x{s['height']}) at {s['rate']} Hz "
-                               f"on {self.pubs['image'].topic_name}")
-
-    def _declare_parameters(self):
-        settings = {}
-        for name, (default, description, check, rule) in PARAMETERS.items():
-            descriptor = ParameterDescriptor(description=description, read_only=True,
-                                             additional_constraints=rule)
-            try:
-                value = self.declare_parameter(name, default, descriptor).value
-            except InvalidParameterTypeException as err:
-                raise ValueError(str(err).splitlines()[0]) from None
-            if not check(value):
-                raise ValueError(f'{name} must be {rule}, got {value!r}')
-            settings[name] = value
-        return settings
+        self.timer = self.create_timer(1.0 / s.rate, self._publish_next)
+        self.get_logger().info(f'publishing {s.scenes} scenes x {s.frames_per_scene} frames ({s.width}x'
+                               f"{s.height}) at {s.rate} Hz on {self.pubs['image'].topic_name}")
 
     def _sequence(self):
         s = self.settings
-        return frame_sequence(s['seed'], s['scenes'], s['frames_per_scene'], s['width'], s['height'],
-                              s['fov_deg'], s['show_only'])
+        return frame_sequence(s.seed, s.scenes, s.frames_per_scene, s.width, s.height, s.fov_deg, s.show_only)
 
     def _endless_frames(self):
         while True:
@@ -151,7 +137,7 @@ class SynthCamera(Node):
             self.get_logger().info('sequence finished (loop is false)')
             self.timer.cancel()
             return
-        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings['frame_id'])
+        header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.frame_id)
         height, width = frame.depth.shape
         points = depth_to_points(frame.depth, frame.K).astype(np.float32)
         self.pubs['image'].publish(numpy_to_image_msg(frame.rgb, 'rgb8', header))
@@ -166,7 +152,7 @@ class SynthCamera(Node):
 def main(args=None):
     """Run the synth camera until SIGINT; return the exit code (2 for a bad parameter)."""
     return run_node(SynthCamera, NODE_NAME, sys.argv if args is None else args,
-                    failures=[(ValueError, 'invalid parameter', EXIT_BAD_PARAMETER)])
+                    failures=[(ParameterError, 'invalid parameter', EXIT_BAD_PARAMETER)])
 
 
 if __name__ == '__main__':

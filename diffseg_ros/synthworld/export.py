@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..core.masks import bbox
 from .objects import CATEGORIES
 from .scene import STUFF, generate_scene
 
@@ -54,11 +55,6 @@ def read_panoptic_png(path):
     return decode_panoptic_rgb(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
-def _bbox(mask):
-    rows, cols = np.nonzero(mask)
-    return [int(cols.min()), int(rows.min()), int(np.ptp(cols) + 1), int(np.ptp(rows) + 1)]
-
-
 def panoptic_segments(scene):
     """Return (segment id image int32, segments_info list) of a scene."""
     ids = scene.instances.astype(np.int32).copy()
@@ -66,7 +62,7 @@ def panoptic_segments(scene):
     for obj in scene.objects:
         mask = scene.instances == obj.instance_id
         segments.append(dict(id=obj.instance_id, category_id=CATEGORIES.index(obj.category) + 1,
-                             area=int(mask.sum()), bbox=_bbox(mask), iscrowd=0,
+                             area=int(mask.sum()), bbox=bbox(mask), iscrowd=0,
                              phrase=obj.phrase, colour=obj.colour, pattern=obj.pattern))
     if scene.stuff is not None:
         for code in STUFF:
@@ -74,7 +70,7 @@ def panoptic_segments(scene):
             if mask.any():
                 ids[mask] = STUFF_SEGMENT_OFFSET + code
                 segments.append(dict(id=STUFF_SEGMENT_OFFSET + code, category_id=STUFF_CATEGORY_OFFSET + code,
-                                     area=int(mask.sum()), bbox=_bbox(mask), iscrowd=0))
+                                     area=int(mask.sum()), bbox=bbox(mask), iscrowd=0))
     return ids, segments
 
 

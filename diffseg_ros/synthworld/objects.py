@@ -26,6 +26,11 @@ def _u(rng, lo, hi):
     return float(rng.uniform(lo, hi))
 
 
+def _cuboid(size):
+    """Dimensions of a box-shaped object of size (x, y, z): footprint radius and height."""
+    return dict(size=size, footprint=0.5 * float(np.hypot(*size[:2])), height=size[2])
+
+
 def sample_dims(category, rng):
     """Draw the dimensions (metres) of one object; includes 'footprint' (radius) and 'height'."""
     if category == 'mug':
@@ -44,9 +49,7 @@ def sample_dims(category, rng):
         r = _u(rng, 0.075, 0.11)
         d = dict(radius=r, height=r * _u(rng, 0.5, 0.8), footprint=r)
     elif category == 'box':
-        d = dict(size=(_u(rng, 0.07, 0.16), _u(rng, 0.07, 0.14), _u(rng, 0.05, 0.13)))
-        d['footprint'] = 0.5 * float(np.hypot(*d['size'][:2]))
-        d['height'] = d['size'][2]
+        d = _cuboid((_u(rng, 0.07, 0.16), _u(rng, 0.07, 0.14), _u(rng, 0.05, 0.13)))
     elif category == 'ball':
         r = _u(rng, 0.04, 0.075)
         d = dict(radius=r, height=2 * r, footprint=r)
@@ -54,9 +57,7 @@ def sample_dims(category, rng):
         r = _u(rng, 0.031, 0.04)
         d = dict(radius=r, height=_u(rng, 0.095, 0.13), band=0.008, footprint=r)
     elif category == 'book':
-        d = dict(size=(_u(rng, 0.15, 0.24), _u(rng, 0.11, 0.17), _u(rng, 0.02, 0.045)))
-        d['footprint'] = 0.5 * float(np.hypot(*d['size'][:2]))
-        d['height'] = d['size'][2]
+        d = _cuboid((_u(rng, 0.15, 0.24), _u(rng, 0.11, 0.17), _u(rng, 0.02, 0.045)))
     elif category == 'plant pot':
         rb = _u(rng, 0.035, 0.05)
         d = dict(bottom_radius=rb, top_radius=rb * _u(rng, 1.2, 1.45), pot_height=_u(rng, 0.07, 0.11))

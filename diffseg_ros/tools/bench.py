@@ -83,12 +83,13 @@ def segment_with(seg, rgb, queries):
 
 def bare_forward(seg, rgb):
     """VAE encode + one UNet forward with the stock attention processors: the floor any method pays."""
+    seg.set_queries(QUERIES[:1])
+    text, t = seg.prompt.embeddings, torch.tensor([seg.settings.timestep])
+
     def run():
         with torch.inference_mode():
-            pixels, _ = seg._preprocess(rgb)
-            latent = seg._encode(pixels)
-            t = torch.tensor([seg.timestep])
-            text = seg._text(tuple(QUERIES[:1]))['embeddings']
+            pixels, _ = seg.images.preprocess(rgb, seg.input_size(max(rgb.shape[:2])))
+            latent = seg.encode(pixels.to(seg.sd.device, seg.sd.dtype))
             seg.sd.unet(latent, t, encoder_hidden_states=text, return_dict=False)
     return run
 

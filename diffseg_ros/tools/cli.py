@@ -3,6 +3,8 @@ import argparse
 import importlib
 import sys
 
+from ..core.model_folder import quiet_model_libraries
+
 # verb -> module with add_parser(subparsers); imported lazily so `--help` stays fast
 VERBS = {
     'bench': 'diffseg_ros.tools.bench',
@@ -24,6 +26,7 @@ def build_parser(verbs=VERBS):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    quiet_model_libraries()
     verb = next((a for a in argv if not a.startswith('-')), None)
     verbs = {verb: VERBS[verb]} if verb in VERBS else VERBS
     parser = build_parser(verbs)

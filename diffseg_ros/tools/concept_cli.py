@@ -4,12 +4,26 @@
   diffseg concept list --dir CONCEPTS_DIR [--model PATH]
 The concept goes to CONCEPTS_DIR/<sanitised name>/ (the folder the node's `concepts_dir` points at).
 """
-from dataclasses import asdict, fields
+import os
 import sys
 
+import cv2
+
+from ..core.concept_learning import LearnSettings, learn_concept
 from ..core.concepts import ConceptError, load_concepts
 from ..core.sd_models import load_sd_components
-from ..training.custom_diffusion import LearnSettings, learn_concept, read_images
+from ..core.settings import add_arguments, from_arguments
+
+
+def read_images(folder):
+    """RGB uint8 images (png/jpg/bmp) of a folder, sorted by name."""
+    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp')))
+    images = []
+    for name in names:
+        bgr = cv2.imread(os.path.join(folder, name), cv2.IMREAD_COLOR)
+        if bgr is not None:
+            images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return images
 
 
 def learn_main(args):
@@ -21,7 +35,7 @@ def learn_main(args):
     if args.class_images:
         class_images = read_images(args.class_images)
         class_captions = [f'photo of a {args.class_word}'] * len(class_images)
-    settings = LearnSettings(**{f.name: getattr(args, f.name) for f in fields(LearnSettings)})
+    settings = from_arguments(LearnSettings, args)
     sd = load_sd_components(args.model, args.device, args.dtype)
     try:
         concept = learn_concept(sd, images, args.name, args.class_word, args.out, aliases=args.alias,
@@ -60,8 +74,7 @@ def add_parser(subparsers):
     learn.add_argument('--model', default='', help="diffusers folder ('' = embedded SynthWorld model)")
     learn.add_argument('--device', default='cpu')
     learn.add_argument('--dtype', default='float32')
-    for name, value in asdict(LearnSettings()).items():
-        learn.add_argument('--' + name.replace('_', '-'), type=type(value), default=value)
+    add_arguments(learn, LearnSettings)
     learn.set_defaults(func=learn_main)
     show = verbs.add_parser('list', help='list the concepts of a directory and why any are refused')
     show.add_argument('--dir', required=True)

@@ -21,8 +21,8 @@ import time
 import cv2
 import numpy as np
 
+from ..core.masks import iou
 from ..synthworld import generate_scene
-from .evaluate import iou
 
 REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            'config')
@@ -34,6 +34,12 @@ PERSONAL_QUERY = 'my mug'
 # Small Custom Diffusion settings so the demo ends within its 3 minutes on 2 CPU cores.
 LEARN_PARAMETERS = ('learn.frames:=3', 'learn.steps:=80', 'learn.class_count:=4', 'learn.timeout:=60.0')
 DEMO_SEED = 1_000_000_006       # a held-out scene with a red mug among other objects
+# What a run must reach to pass (the demo exits 1 otherwise): every query's mean IoU, the share of "my mug"
+# answers that pick the right instance, and the LDMSeg completion's object PQ and id consistency.
+MIN_QUERY_IOU = 0.15
+MIN_RIGHT_SHARE = 0.8
+MIN_LABEL_PQ = 0.5
+MIN_ID_CONSISTENCY = 0.8
 
 
 def demo_environment():
@@ -325,21 +331,40 @@ def run_label_completion(planner, out_dir, frames, timeout, model=''):
 
 
 def summarise(results, personal, labels, method, saved, out_dir):
-    """Print the summary; return 0 when every stage produced answers."""
+    """Print the summary and what fell short; return 0 when every stage answered well enough, else 1.
+
+    results: {query: [IoU per answer]}; personal: [right instance?] per "my mug" answer; labels: per
+    LDMSeg frame dict(pq, mean_iou, id_consistency).
+    """
     print(f'\nsummary (IoU against SynthWorld truth, method {method} as the node reported it):')
+    short = []
     for query, values in results.items():
-        mean = f'{np.mean(values):.2f}' if values else 'n/a'
-        print(f'  {query:32s} mean IoU {mean} over {len(values)} frames')
-    print(f'  {PERSONAL_QUERY!r} learned from the camera: right instance in {sum(personal)} of '
-          f'{len(personal)} answers')
+        mean = float(np.mean(values)) if values else 0.0
+        print(f'  {query:32s} mean IoU {mean:.2f} over {len(values)} frames')
+        if mean < MIN_QUERY_IOU:
+            short.append(f'{query}: mean IoU {mean:.2f} < {MIN_QUERY_IOU}' if values else
+                         f'{query}: no answer')
+    right = sum(bool(v) for v in personal)
+    print(f'  {PERSONAL_QUERY!r} learned from the camera: right instance in {right} of {len(personal)} '
+          'answers')
+    if not personal or right < MIN_RIGHT_SHARE * len(personal):
+        short.append(f'{PERSONAL_QUERY!r}: right in {right} of {len(personal)} answers '
+                     f'(at least {MIN_RIGHT_SHARE:.0%} needed)')
     if labels:
-        print(f'  LDMSeg label completion: object PQ {np.mean([r["pq"] for r in labels]):.2f}, same-id IoU '
-              f'{np.mean([r["mean_iou"] for r in labels]):.2f}, id consistency '
-              f'{np.mean([r["id_consistency"] for r in labels]):.2f} over {len(labels)} frames')
+        pq, consistency = (float(np.mean([r[key] for r in labels])) for key in ('pq', 'id_consistency'))
+        print(f'  LDMSeg label completion: object PQ {pq:.2f}, same-id IoU '
+              f'{np.mean([r["mean_iou"] for r in labels]):.2f}, id consistency {consistency:.2f} over '
+              f'{len(labels)} frames')
+        if pq < MIN_LABEL_PQ or consistency < MIN_ID_CONSISTENCY:
+            short.append(f'LDMSeg: PQ {pq:.2f} (>= {MIN_LABEL_PQ} needed), id consistency {consistency:.2f} '
+                         f'(>= {MIN_ID_CONSISTENCY} needed)')
     else:
         print(f'  LDMSeg label completion: no answers (see {out_dir}/ldmseg_node.log)')
+        short.append('LDMSeg: no answers')
     print(f'overlays: {saved} images in {out_dir}/')
-    return 0 if all(results.values()) and personal and labels else 1
+    for line in short:
+        print(f'FAILED: {line}')
+    return 1 if short or not results else 0
 
 
 def main(args):

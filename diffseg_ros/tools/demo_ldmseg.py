@@ -11,8 +11,8 @@ import json
 import numpy as np
 
 from ..core.geometry import invert_pose
+from ..core.masks import iou
 from ..ldmseg.metrics import match_segments
-from .evaluate import iou
 
 KEEP_SHARE = 0.1     # share of the labelled points the "map" knows
 

@@ -250,9 +250,8 @@ def example_rows(model, scenes, truths, steps, seed, drop=0.7, block=8, count=3)
 def run(args):
     import torch
     torch.set_num_threads(args.threads)
-    model = LDMSeg.load(args.model)
-    model.config.fill_void = args.fill_void
-    model.config.samples = args.samples or model.config.samples
+    model = LDMSeg.load(args.model, fill_void=args.fill_void,
+                        **({'samples': args.samples} if args.samples else {}))
     width, height = model.config.size
     seeds = range(args.seed, args.seed + args.scenes)
     scenes = [generate_scene(s, width=width, height=height) for s in tqdm(seeds, desc='scenes', leave=False)]

@@ -12,7 +12,7 @@ of self-attention, Hungarian). Reported per split (all / semantic / visual distr
 af_acc; plus how far the merged forward is from one forward per concept. JSON + PNG.
 """
 import argparse
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 import json
 import os
 import sys
@@ -24,11 +24,11 @@ from tqdm import tqdm
 from ..core.concepts import ConceptError, ConceptLibrary, concept_folder, load_concept
 from ..core.instances import (InstanceQuery, PersonalConfig, PersonalSegmenter, score_query, summarise,
                               truth_instance)
-from ..core.query_engine import instance_config
 from ..core.sd_models import load_sd_components
 from ..core.segmenter import Segmenter, SegmenterConfig
 from ..synthworld.synthmug import distractors, make_benchmark
-from ..training.custom_diffusion import ConceptTrainer, LearnSettings, training_size
+from ..core.concept_learning import ConceptTrainer, LearnSettings, training_size
+from ..core.settings import add_arguments, from_arguments
 
 METHODS = ('ours', 'subject', 'context', 'arithmetic', 'ours_separate')
 SPLITS = ('all', 'semantic', 'visual')
@@ -136,7 +136,7 @@ def run_personal_eval(model_path='', seed=0, mugs=8, scenes=12, views=1, size=12
         arithmetic = arithmetic_concepts(library, concepts)
         config = SegmenterConfig(model_path=model_path, dtype=dtype, method='t2m', image_size=image_size,
                                  min_image_size=image_size)
-        seg = Segmenter(instance_config(config, sd), components=sd)
+        seg = Segmenter(config, components=sd, instances=True)
         personal = PersonalSegmenter(seg, library, PersonalConfig(max_segments=max_segments))
         rows, merge, examples, installed = [], [], [], {}
         for scene in tqdm(bench.scenes, desc='scenes', disable=not show_progress):
@@ -227,7 +227,7 @@ def write_report_png(report, examples, bench, path):
 
 
 def main(args):
-    settings = LearnSettings(**{f.name: getattr(args, f'learn_{f.name}') for f in fields(LearnSettings)})
+    settings = from_arguments(LearnSettings, args, prefix='learn')
     report = run_personal_eval(args.model, args.seed, args.mugs, args.scenes, args.views, args.size,
                                tuple(args.train_views), args.class_count, tuple(args.methods),
                                args.concepts_dir, settings, args.max_segments, args.dtype, args.report,
@@ -264,8 +264,7 @@ def add_parser(subparsers, name='personal'):
     p.add_argument('--dtype', default='float32')
     p.add_argument('--json', default=None)
     p.add_argument('--report', default=None, help='PNG report path')
-    for field_name, value in asdict(LearnSettings()).items():     # --learn-steps, --learn-lr, ...
-        p.add_argument('--learn-' + field_name.replace('_', '-'), type=type(value), default=value)
+    add_arguments(p, LearnSettings, prefix='learn')     # --learn-steps, --learn-lr, ...
     p.set_defaults(func=main)
     os.environ.setdefault('MPLBACKEND', 'Agg')
     return p

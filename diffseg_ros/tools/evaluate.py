@@ -15,6 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..core.attention import has_self_attention, transformer_blocks
+from ..core.masks import iou
 from ..core.sd_models import load_sd_components
 from ..core.segmenter import Segmenter, SegmenterConfig
 from ..synthworld import generate_scene
@@ -31,11 +32,6 @@ def method_config(base, name):
     if plus and post != 'crf':
         raise ValueError(f"unknown refinement {post!r} in {name!r}: the only one is '+crf'")
     return replace(base, method=method, crf=bool(plus))
-
-
-def iou(mask, truth):
-    union = np.logical_or(mask, truth).sum()
-    return float(np.logical_and(mask, truth).sum() / union) if union else 0.0
 
 
 def held_out_scenes(seed, count, size):
@@ -124,8 +120,9 @@ def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=METHODS, size=128
 
 def settings_of(seg):
     """Return the settings a segmenter resolved (model input size, timestep, layers), for the report."""
-    return dict(image_size=seg.image_size, timestep=seg.timestep, cross_layers=seg.cross_layers,
-                self_layers=seg.self_layers)
+    s = seg.settings
+    return dict(image_size=s.image_size, timestep=s.timestep, cross_layers=list(s.cross_layers),
+                self_layers=list(s.self_layers))
 
 
 def write_report_png(report, sd, base, scenes, path):

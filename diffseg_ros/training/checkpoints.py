@@ -70,6 +70,19 @@ def stage_state(path):
         return json.load(f)
 
 
+def checkpoint_every(path, model, opt, every, total, metrics, extra=None):
+    """Make an `after_step` for core.train_loop.run_steps: save the stage every `every` steps and at the end.
+
+    metrics(steps_done, loss, loss_ema) -> dict recorded with the checkpoint; called after every step
+    (it may do periodic work of its own, such as a probe).
+    """
+    def after_step(done, loss, ema):
+        values = metrics(done, loss, ema)
+        if done % every == 0 or done == total:
+            save_stage(path, model, opt, done, values, extra)
+    return after_step
+
+
 def lr_factor(step, total, warmup=500):
     """Linear warm-up then cosine decay to 10 %."""
     warmup = min(warmup, max(1, total // 10))

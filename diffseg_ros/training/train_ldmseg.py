@@ -1,4 +1,4 @@
-"""Train LDMSeg on COCO-panoptic-format data (`diffseg train ldmseg`); paper section 3, REFERENCE.md 6.
+"""Train LDMSeg on COCO-panoptic-format data (`diffseg train ldmseg`); LDMSeg paper section 3.
 
 Stages, each resumable from its folder in the run directory (weights.safetensors, optimizer.pt, state.json):
   0. data         SynthWorld export to <out>/data when no data is given and none is there yet; images and
@@ -26,7 +26,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..core.sd_models import ModelLoadError, resolve_model_path
+from ..core.images import to_pixels
+from ..core.model_folder import ModelLoadError
+from ..core.sd_models import EMBEDDED_NAME, resolve_model_path
+from ..core.settings import add_arguments, from_arguments, setting
+from ..core.train_loop import run_steps
 from ..ldmseg.autoencoder import MaskAutoencoder, MaskAutoencoderConfig
 from ..ldmseg.bits import ids_to_bits
 from ..ldmseg.data import PanopticData, dataset_paths, random_ids
@@ -35,45 +39,50 @@ from ..ldmseg.metrics import panoptic_quality
 from ..ldmseg.model import (build_unet, init_from_sd, make_scheduler, training_loss, unet_config,
                             unet_config_from_sd)
 from ..ldmseg.pipeline import LDMSeg, LDMSegConfig, paper_min_area, postprocess
-from .checkpoints import load_optimizer, load_stage, lr_factor, save_stage, stage_state, start_run
+from .checkpoints import checkpoint_every, load_optimizer, load_stage, lr_factor, save_stage, stage_state, \
+    start_run
 
 
 @dataclass
 class LDMSegTrainConfig:
-    out: str = 'runs/ldmseg'
-    data: str = ''                 # COCO-panoptic root, SynthWorld layout ('' = <out>/data, made if missing)
-    annotations: str = ''          # real COCO: panoptic_train2017.json
-    images: str = ''               # real COCO: train2017/
-    masks: str = ''                # real COCO: panoptic_train2017/ (PNGs)
-    scenes: int = 10000            # SynthWorld scenes to export when there is no data
-    first_seed: int = 0            # seeds first_seed.. (held-out evaluation scenes start at 10^9)
-    preload: bool = True           # keep all images and masks in memory (off for real COCO)
-    sd_model: str = ''             # SD folder: the image VAE and the UNet initialisation ('' = embedded)
-    init_from_sd: bool = True
-    init_from: str = ''            # exported LDMSeg folder a new run continues (autoencoder, scaling, UNet)
-    size: int = 128
-    seed: int = 0
-    ae_widths: tuple = (16, 32, 64, 128)   # encoder widths, first log2(f) + 1 used (paper 32..256)
-    ae_decoder_channels: int = 64          # paper 256
-    ae_norm_groups: int = 16               # paper 32
-    ae_steps: int = 2000
-    ae_batch: int = 16
-    ae_lr: float = 3e-3
-    ae_points: int = 1024                  # loss pixels per image (6 %; paper 12544 at 512 px, 4.8 %)
-    weight_decay: float = 0.05             # paper (both stages)
-    unet_channels: tuple = (32, 64, 128)   # only without --init-from-sd
-    unet_steps: int = 12000
-    batch: int = 16
-    lr: float = 4e-4
-    self_cond_prob: float = 0.5
-    snr_gamma: float = 2.0
-    mask_latent_std: float = 0.5
-    warmup: int = 200
-    checkpoint_every: int = 250
-    threads: int = 2
-    workers: int = 2               # processes for the SynthWorld export
-    device: str = 'cpu'
-    stage: str = 'all'             # 'autoencoder' stops after stage 2
+    out: str = setting('runs/ldmseg', 'run folder (stages, caches); a rerun resumes it')
+    data: str = setting('', "COCO-panoptic root, SynthWorld layout ('' = <out>/data, exported if missing)")
+    annotations: str = setting('', 'real COCO: panoptic_train2017.json')
+    images: str = setting('', 'real COCO: train2017/')
+    masks: str = setting('', 'real COCO: panoptic_train2017/ (PNGs)')
+    scenes: int = setting(10000, 'SynthWorld scenes to export when there is no data', low=1)
+    first_seed: int = setting(0, 'scene seeds first_seed.. (held-out evaluation scenes start at 10^9)', low=0)
+    preload: bool = setting(True, 'keep all images and masks in memory (off for real COCO)')
+    sd_model: str = setting('', "SD folder: the image VAE and the UNet initialisation ('' = embedded)")
+    init_from_sd: bool = setting(True, "initialise the denoiser from the SD UNet where shapes match")
+    init_from: str = setting('', 'exported LDMSeg folder a new run continues (autoencoder, scaling, UNet)')
+    size: int = setting(128, 'training image size in px', low=16)
+    seed: int = setting(0, 'seed of batches and noise (per stage and step)')
+    ae_widths: tuple[int, ...] = setting((16, 32, 64, 128),
+                                         'mask encoder widths, first log2(f) + 1 used (paper 32..256)')
+    ae_decoder_channels: int = setting(64, 'mask decoder width (paper 256)', low=1)
+    ae_norm_groups: int = setting(16, 'GroupNorm groups of the mask autoencoder (paper 32)', low=1)
+    ae_steps: int = setting(2000, 'mask autoencoder training steps', low=0)
+    ae_batch: int = setting(16, 'mask autoencoder batch', low=1)
+    ae_lr: float = setting(3e-3, 'mask autoencoder learning rate', low=0.0, open=('low',))
+    ae_points: int = setting(1024, 'loss pixels per image (6 %; paper 12544 at 512 px, 4.8 %)', low=1)
+    weight_decay: float = setting(0.05, 'AdamW weight decay of both stages (paper)', low=0.0)
+    unet_channels: tuple[int, ...] = setting((32, 64, 128), 'denoiser widths (only without --init-from-sd)')
+    unet_steps: int = setting(12000, 'denoiser training steps', low=0)
+    batch: int = setting(16, 'denoiser batch', low=1)
+    lr: float = setting(4e-4, 'denoiser learning rate', low=0.0, open=('low',))
+    self_cond_prob: float = setting(0.5, 'share of each batch trained with self-conditioning', low=0.0,
+                                    high=1.0)
+    snr_gamma: float = setting(2.0, 'loss weight min(SNR, gamma) / SNR', low=0.0, open=('low',))
+    mask_latent_std: float = setting(0.5, 'standard deviation the mask latents are scaled to', low=0.0,
+                                     open=('low',))
+    warmup: int = setting(200, 'learning-rate warm-up steps', low=0)
+    checkpoint_every: int = setting(250, 'steps between checkpoints', low=1)
+    threads: int = setting(2, 'CPU threads', low=1)
+    workers: int = setting(2, 'processes for the SynthWorld export (0 = in this process)', low=0)
+    device: str = setting('cpu', 'torch device')
+    stage: str = setting('all', "'autoencoder' stops after the mask scaling (stage 2)",
+                         choices=('all', 'autoencoder'))
 
 
 # --- data and models --------------------------------------------------------------------------------------
@@ -95,7 +104,7 @@ def prepare_data(cfg):
 
 def load_sd_parts(sd_model, with_unet):
     """Load the SD image VAE (float32) and, when asked, its UNet."""
-    path = resolve_model_path(sd_model)
+    path = resolve_model_path(sd_model, EMBEDDED_NAME)
     try:
         vae = AutoencoderKL.from_pretrained(path, subfolder='vae', local_files_only=True)
         unet = (UNet2DConditionModel.from_pretrained(path, subfolder='unet', local_files_only=True)
@@ -129,11 +138,6 @@ def _step_random(cfg, stage, step):
         (cfg.seed * 1_000_003 + stage) * 10_000_019 + step)
 
 
-def _set_lr(opt, lr):
-    for group in opt.param_groups:
-        group['lr'] = lr
-
-
 def mask_bits(segments, rng, device):
     """Random ids of a batch of compact masks, as (ids, bits) tensors."""
     ids = torch.from_numpy(random_ids(segments, rng)).to(device)
@@ -155,7 +159,7 @@ def continue_from(cfg, vae, ae, unet):
         torch.allclose(v, theirs[k].to(v), rtol=1e-3, atol=1e-3) for k, v in ours.items())
     if not same_vae:
         raise ModelLoadError(f'--init-from {cfg.init_from} was trained with another image VAE than '
-                             f'--sd-model {resolve_model_path(cfg.sd_model)}')
+                             f'--sd-model {resolve_model_path(cfg.sd_model, EMBEDDED_NAME)}')
     try:
         ae.load_state_dict(source.mask_autoencoder.state_dict())
         unet.load_state_dict(source.unet.state_dict())
@@ -182,9 +186,9 @@ def train_autoencoder(cfg, ae, data):
         opt = torch.optim.AdamW(ae.parameters(), lr=cfg.ae_lr, weight_decay=cfg.weight_decay)
         load_optimizer(path, opt)
         ae.train()
-        ema = None
-        bar = tqdm(range(done, cfg.ae_steps), desc='autoencoder', initial=done, total=cfg.ae_steps)
-        for step in bar:
+        parts = {}
+
+        def loss_of_step(step):
             rng, gen = _step_random(cfg, 1, step)
             _, segments = data.batch(rng.integers(0, len(data), cfg.ae_batch))
             flip = rng.random(len(segments)) < 0.5
@@ -192,20 +196,22 @@ def train_autoencoder(cfg, ae, data):
             ids, bits = mask_bits(segments, rng, cfg.device)
             mean, logvar = ae.encode(bits)
             latent = mean + torch.randn(mean.shape, generator=gen).to(mean) * (0.5 * logvar).exp()
-            loss, parts = reconstruction_loss(ae.decoder(latent), ids, cfg.ae_points, gen)
-            _set_lr(opt, cfg.ae_lr * lr_factor(step, cfg.ae_steps, min(cfg.warmup, cfg.ae_steps // 10 + 1)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
-            opt.step()
-            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-            bar.set_postfix(loss=f'{ema:.3f}', ce=f"{parts['ce']:.3f}")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.ae_steps:
-                metrics = dict(loss_ema=ema, **parts)
-                if step + 1 == cfg.ae_steps:
-                    metrics.update(reconstruction_pq(cfg, ae, data))
-                save_stage(path, ae, opt, step + 1, metrics)
+            loss, found = reconstruction_loss(ae.decoder(latent), ids, cfg.ae_points, gen)
+            parts.update(found)
+            return loss, dict(ce=f"{found['ce']:.3f}")
+
+        def metrics(done, loss, ema):
+            final = reconstruction_pq(cfg, ae, data) if done == cfg.ae_steps else {}
+            return dict(loss_ema=ema, **parts, **final)
+        run_steps(loss_of_step, opt, done, cfg.ae_steps, 'autoencoder',
+                  lr=schedule(cfg.ae_lr, cfg.ae_steps, cfg),
+                  after_step=checkpoint_every(path, ae, opt, cfg.checkpoint_every, cfg.ae_steps, metrics))
     return ae.eval().requires_grad_(False)
+
+
+def schedule(peak, total, cfg):
+    """Learning rate per step: warm-up (at most a tenth of the steps), then cosine to 10 %."""
+    return lambda step: peak * lr_factor(step, total, min(cfg.warmup, total // 10 + 1))
 
 
 @torch.no_grad()
@@ -242,8 +248,7 @@ def mask_latent_scaling(cfg, ae, data, count=512):
 
 @torch.no_grad()
 def encode_images(vae, rgb, device):
-    pixels = torch.from_numpy(np.ascontiguousarray(rgb)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return vae.encode(pixels.to(device)).latent_dist.mean * vae.config.scaling_factor
+    return vae.encode(to_pixels(rgb).to(device)).latent_dist.mean * vae.config.scaling_factor
 
 
 def image_latents(cfg, vae, data):
@@ -273,9 +278,8 @@ def train_denoiser(cfg, unet, ae, vae, data, latents, scaling):
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     load_optimizer(path, opt)
     unet.train()
-    ema = None
-    bar = tqdm(range(done, cfg.unet_steps), desc='unet', initial=done, total=cfg.unet_steps)
-    for step in bar:
+
+    def loss_of_step(step):
         rng, gen = _step_random(cfg, 4, step)
         idx = rng.integers(0, len(data), cfg.batch)
         rgb, segments = data.batch(idx)
@@ -283,16 +287,10 @@ def train_denoiser(cfg, unet, ae, vae, data, latents, scaling):
         with torch.no_grad():
             mask_latents = ae.encode(bits)[0] * scaling
         image = latents[idx].to(cfg.device) if latents is not None else encode_images(vae, rgb, cfg.device)
-        loss = training_loss(unet, scheduler, mask_latents, image, cfg.self_cond_prob, cfg.snr_gamma, gen)
-        _set_lr(opt, cfg.lr * lr_factor(step, cfg.unet_steps, min(cfg.warmup, cfg.unet_steps // 10 + 1)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f'{ema:.4f}')
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            save_stage(path, unet, opt, step + 1, dict(loss_ema=ema))
+        return training_loss(unet, scheduler, mask_latents, image, cfg.self_cond_prob, cfg.snr_gamma, gen)
+    run_steps(loss_of_step, opt, done, cfg.unet_steps, 'unet', lr=schedule(cfg.lr, cfg.unet_steps, cfg),
+              after_step=checkpoint_every(path, unet, opt, cfg.checkpoint_every, cfg.unet_steps,
+                                          lambda done, loss, ema: dict(loss_ema=ema)))
     return unet.eval()
 
 
@@ -362,7 +360,7 @@ def write_model_card(path, cfg, model):
         f'- command: `{command_line(cfg)} --export {path}`',
         f'- data: {training.get("images")} images at {cfg.size} px from {training.get("data")}'
         f' (SynthWorld seeds {seeds} when exported by the trainer); training seed {cfg.seed}',
-        f'- image VAE: copied from `{resolve_model_path(cfg.sd_model)}`,'
+        f'- image VAE: copied from `{resolve_model_path(cfg.sd_model, EMBEDDED_NAME)}`,'
         f' {_parameters(model.vae):,} parameters, factor {model.factor},'
         f' latent scaling {config.image_scaling:.5g}',
         f'- mask autoencoder: {_parameters(model.mask_autoencoder):,} parameters, {ae.get("step")} steps of'
@@ -383,28 +381,13 @@ def _parameters(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def config_from_args(args):
-    fields = asdict(LDMSegTrainConfig())
-    return LDMSegTrainConfig(**{k: (tuple(v) if isinstance(fields[k], tuple) else v)
-                                for k, v in vars(args).items() if k in fields})
-
-
 def add_parser(subparsers):
     """Register `ldmseg` on the `diffseg train` verbs."""
     parser = subparsers.add_parser('ldmseg', help='train LDMSeg (mask autoencoder, then denoiser; resumable)',
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(LDMSegTrainConfig()).items():
-        flag = '--' + name.replace('_', '-')
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif isinstance(value, tuple):
-            parser.add_argument(flag, type=int, nargs='+', default=list(value))
-        elif name == 'stage':
-            parser.add_argument(flag, choices=('all', 'autoencoder'), default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
+    add_arguments(parser, LDMSegTrainConfig)
     parser.add_argument('--export', default=None, help='write the fp16 LDMSeg folder here when done')
-    parser.set_defaults(func=lambda a: train(config_from_args(a), a.export) and None)
+    parser.set_defaults(func=lambda a: train(from_arguments(LDMSegTrainConfig, a), a.export) and None)
     return parser
 
 

@@ -10,8 +10,7 @@ With --init-from an SD folder (e.g. the embedded model), stage 2 is skipped and 
 folder's VAE, text encoder and UNet; text layers the folder lacks start as the identity (zero output
 projections), so the run resumes the folder's model exactly and learns the new layers from there.
 """
-import argparse
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 import json
 from functools import partial
 import multiprocessing
@@ -27,35 +26,42 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import CLIPTextConfig
 
+from ..core.images import to_pixels
 from ..core.sd_models import build_sd_components, load_sd_components, save_sd_components
+from ..core.settings import add_arguments, from_arguments, setting
+from ..core.train_loop import run_steps
 from ..synthworld import generate_scene
 from ..synthworld.captions import make_caption
-from .checkpoints import load_optimizer, load_stage, lr_factor, save_stage, start_run
+from .checkpoints import checkpoint_every, load_optimizer, load_stage, lr_factor, start_run
 from .probe import probe
 
 
 @dataclass
 class TrainConfig:
-    out: str = 'runs/sd'
-    size: int = 128
-    scenes: int = 20000
-    seed: int = 0
-    vae_steps: int = 2500
-    vae_crop: int = 64
-    unet_steps: int = 5000
-    batch: int = 32
-    vae_lr: float = 5e-4
-    unet_lr: float = 8e-4
-    text_hidden: int = 128
-    text_layers: int = 3
-    unet_channels: tuple = (32, 64, 128)
-    caption_dropout: float = 0.1
-    pattern_probability: float = 0.5  # chance a template caption names a patterned object's pattern
-    init_from: str = ''               # SD folder to start from ('' = train from scratch)
-    fine_self_attention: bool = False  # the 32x32 transformers attend to the image too, not only the text
-    checkpoint_every: int = 500
-    probe_every: int = 1000          # per-layer localisation AUC on held-out scenes (0 = off)
-    threads: int = 2
+    out: str = setting('runs/sd', 'run folder (checkpoints, data, latents); a rerun resumes it')
+    size: int = setting(128, 'training image size in px', low=16)
+    scenes: int = setting(20000, 'SynthWorld scenes rendered for training (seeds seed * 10^7 + i)', low=1)
+    seed: int = setting(0, 'seed of the data, initialisation and batches')
+    vae_steps: int = setting(2500, 'VAE training steps', low=0)
+    vae_crop: int = setting(64, 'VAE training crop size in px', low=8)
+    unet_steps: int = setting(5000, 'UNet + text encoder training steps', low=0)
+    batch: int = setting(32, 'UNet batch (the VAE takes a quarter)', low=1)
+    vae_lr: float = setting(5e-4, 'VAE learning rate', low=0.0, open=('low',))
+    unet_lr: float = setting(8e-4, 'UNet + text encoder peak learning rate (warm-up, cosine to 10 %)',
+                             low=0.0, open=('low',))
+    text_hidden: int = setting(128, 'text encoder width', low=8)
+    text_layers: int = setting(3, 'text encoder transformer layers', low=0)
+    unet_channels: tuple[int, ...] = setting((32, 64, 128), 'UNet block widths, one per resolution level')
+    caption_dropout: float = setting(0.1, 'share of empty captions (text dependence)', low=0.0, high=1.0)
+    pattern_probability: float = setting(0.5, "chance a template caption names a patterned object's pattern",
+                                         low=0.0, high=1.0)
+    init_from: str = setting('', "SD folder to start from ('' = train from scratch)")
+    fine_self_attention: bool = setting(False, 'the 32x32 transformers attend to the image too, not only '
+                                               'the text')
+    checkpoint_every: int = setting(500, 'steps between checkpoints', low=1)
+    probe_every: int = setting(1000, 'steps between per-layer localisation AUC probes on held-out scenes '
+                                     '(0 = off)', low=0)
+    threads: int = setting(2, 'CPU threads (and rendering processes)', low=1)
 
 
 def model_configs(cfg):
@@ -124,10 +130,6 @@ def training_caption(scene, rng, pattern_probability=0.5):
     return prefix + ' ' + (', '.join(words[:-1]) + ', and ' + words[-1] if len(words) > 1 else words[0]) + '.'
 
 
-def to_pixels(images):
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 # --- stage 2: VAE ----------------------------------------------------------------------------------------
 def train_vae(cfg, vae_cfg, images, rng):
     path = os.path.join(cfg.out, 'vae')
@@ -138,19 +140,18 @@ def train_vae(cfg, vae_cfg, images, rng):
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
     load_optimizer(path, opt)
     vae.train()
-    bar = tqdm(range(done, cfg.vae_steps), desc='vae', initial=done, total=cfg.vae_steps)
-    for step in bar:
+    last = {}
+
+    def loss_of_step(step):
         x = to_pixels(random_crops(images, rng, cfg.batch // 4, cfg.vae_crop))  # conv VAE: crops suffice
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample()).sample
         rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        loss = rec_loss + 1e-6 * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(rec=f'{rec_loss.item():.4f}')
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            save_stage(path, vae, opt, step + 1, dict(rec_loss=rec_loss.item()))
+        last['rec_loss'] = rec_loss.item()
+        return rec_loss + 1e-6 * posterior.kl().mean(), dict(rec=f"{last['rec_loss']:.4f}")
+    run_steps(loss_of_step, opt, done, cfg.vae_steps, 'vae', clip=None,
+              after_step=checkpoint_every(path, vae, opt, cfg.checkpoint_every, cfg.vae_steps,
+                                          lambda *_: dict(last)))
     vae.eval()
     return vae
 
@@ -191,15 +192,14 @@ def train_unet(cfg, parts, latents, objects):
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     load_optimizer(path, opt)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.unet_steps), last_epoch=-1)
-    for _ in range(done):
-        sched.step()
     rng = np.random.default_rng([cfg.seed, done])   # a resumed run does not replay the first batches
     unet.train()
     text_encoder.train()
-    bar = tqdm(range(done, cfg.unet_steps), desc='unet', initial=done, total=cfg.unet_steps)
-    ema = None
-    for step in bar:
+
+    def lr(step):
+        return cfg.unet_lr * lr_factor(step, cfg.unet_steps)
+
+    def loss_of_step(step):
         idx = rng.integers(0, len(latents), cfg.batch)
         x0 = latents[idx]
         flip = torch.from_numpy(rng.random(cfg.batch) < 0.5)
@@ -207,25 +207,22 @@ def train_unet(cfg, parts, latents, objects):
         captions = [training_caption(objects[i], rng, cfg.pattern_probability)
                     if rng.random() >= cfg.caption_dropout else '' for i in idx]
         t = torch.from_numpy(rng.integers(0, parts.scheduler.config.num_train_timesteps, cfg.batch)).long()
-        loss = denoising_loss(parts, x0, captions, t, torch.randn_like(x0))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        bar.set_postfix(loss=f'{ema:.4f}', lr=f'{sched.get_last_lr()[0]:.1e}')
-        metrics = dict(loss_ema=ema)
-        if cfg.probe_every and (step + 1) % cfg.probe_every == 0:
+        return denoising_loss(parts, x0, captions, t, torch.randn_like(x0)), dict(lr=f'{lr(step):.1e}')
+
+    def metrics(done, loss, ema):
+        out = dict(loss_ema=ema)
+        if cfg.probe_every and done % cfg.probe_every == 0:
             aucs = probe(parts, scenes=8, size=cfg.size)
-            metrics['layer_auc'], metrics['layer_auc_among_objects'] = aucs['object'], aucs['among_objects']
+            out['layer_auc'], out['layer_auc_among_objects'] = aucs['object'], aucs['among_objects']
             for kind, values in aucs.items():
                 listed = ', '.join(f'{v:.2f}' for v in values.values())
-                tqdm.write(f'step {step + 1} layer AUC ({kind}): {listed}')
+                tqdm.write(f'step {done} layer AUC ({kind}): {listed}')
             unet.train()
             text_encoder.train()
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
-            save_stage(path, unet, opt, step + 1, metrics, text_encoder)
+        return out
+    run_steps(loss_of_step, opt, done, cfg.unet_steps, 'unet', lr=lr,
+              after_step=checkpoint_every(path, unet, opt, cfg.checkpoint_every, cfg.unet_steps, metrics,
+                                          text_encoder))
     unet.eval()
     text_encoder.eval()
 
@@ -329,14 +326,7 @@ def export(parts, out_dir, defaults=None):
 
 def add_parser(subparsers):
     parser = subparsers.add_parser('sd', help='train the tiny SynthWorld Stable Diffusion (resumable)')
-    for name, value in asdict(TrainConfig()).items():
-        flag = '--' + name.replace('_', '-')
-        if isinstance(value, tuple):
-            parser.add_argument(flag, type=int, nargs='+', default=list(value))
-        elif isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
+    add_arguments(parser, TrainConfig)
     parser.add_argument('--export', default=None, help='write the fp16 diffusers folder here when done')
     parser.add_argument('--export-only', action='store_true',
                         help='export the latest checkpoints, no training')
@@ -344,8 +334,7 @@ def add_parser(subparsers):
 
 
 def run_cli(args):
-    cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(args).items()
-                         if k in asdict(TrainConfig())})
+    cfg = from_arguments(TrainConfig, args)
     if args.export_only:
         if not args.export:
             raise SystemExit('--export-only needs --export DIR')

@@ -1,6 +1,7 @@
 """Helpers shared by the segmentation methods: per-query cross-attention maps, normalisation, resizing."""
 import torch
-import torch.nn.functional as F
+
+from ..images import resize
 
 
 def minmax(maps, eps=1e-8):
@@ -10,14 +11,6 @@ def minmax(maps, eps=1e-8):
     span = hi - lo
     out = torch.where(span > eps, (flat - lo) / span.clamp_min(eps), torch.zeros_like(flat))
     return out.view_as(maps)
-
-
-def resize(maps, size, mode='bilinear'):
-    """Resize [B, C, h, w] maps to size (h, w)."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    kwargs = {} if mode == 'nearest' else {'align_corners': False}
-    return F.interpolate(maps, size=size, mode=mode, **kwargs)
 
 
 def query_cross_maps(capture, layers, spans, size):

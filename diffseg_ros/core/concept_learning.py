@@ -13,8 +13,6 @@ in a background thread while the live model keeps segmenting.
 from dataclasses import asdict, dataclass
 import copy
 from itertools import chain
-import json
-import os
 import time
 
 import cv2
@@ -23,32 +21,40 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
-from tqdm import tqdm
 
-from ..core.concepts import (Concept, ConceptError, ExtendedEmbedding, base_token_embedding, safe_folder_name,
-                             save_concept, set_token_embedding_module,
-                             text_attention_modules, token_embedding_module)
+from .concepts import (Concept, ConceptError, ExtendedEmbedding, TRAINING_TEMPLATES, base_token_embedding,
+                       next_free_token, safe_folder_name, save_concept, set_token_embedding_module,
+                       text_attention_modules, token_embedding_module)
+from .images import to_pixels
+from .settings import setting, Settings
+from .train_loop import run_steps
 
-TEMPLATES = ('photo of a {}', 'a photo of a {}', 'a photo including {}.', 'a photo of the {} on a table.')
 # Rare words the new token starts from, as in Custom Diffusion ('ktn', 'pll', 'ucd'); a different one per
 # token number, so concepts of one class word start apart (distinct features keep the K/V merge well posed).
 RARE_WORDS = ('ktn', 'pll', 'ucd', 'sks', 'zwx', 'qrb', 'vbt', 'jxn', 'fgu', 'wbm', 'ydl', 'hcv')
 
 
 @dataclass
-class LearnSettings:
+class LearnSettings(Settings):
     """Defaults sized for the embedded SynthWorld model on CPU (about a minute); SD wants ~250+ steps."""
 
-    steps: int = 200
-    batch: int = 4              # concept images per step; as many class images are mixed in
-    lr: float = 1e-4            # cross-attention K/V (Adam)
-    lr_token: float = 1e-3      # the new token embedding
-    prior_weight: float = 1.0   # weight of the class images' loss (prior preservation)
-    size: int = 0               # training image size; 0 = the size the model was trained at
-    class_count: int = 16       # class images generated with the model when none are given
-    sample_steps: int = 20      # DDIM steps for those
-    guidance: float = 4.0       # classifier-free guidance for those
-    seed: int = 0
+    steps: int = setting(200, 'Custom Diffusion training steps', low=1, high=100000)
+    batch: int = setting(4, 'concept images per training step (as many class images are mixed in)',
+                         low=1, high=64)
+    lr: float = setting(1e-4, 'learning rate of the cross-attention K/V (Adam)', low=0.0, open=('low',),
+                        exposed=False)
+    lr_token: float = setting(1e-3, 'learning rate of the new token embedding', low=0.0, open=('low',),
+                              exposed=False)
+    prior_weight: float = setting(1.0, "weight of the class images' loss (prior preservation)", low=0.0,
+                                  exposed=False)
+    size: int = setting(0, 'training image size in px; 0 = the size the model was trained at',
+                        low=8, high=2048, also=(0,))
+    class_count: int = setting(16, 'class images generated with the model for prior preservation when none '
+                                   'are given; 0 = none', low=0, high=1000)
+    sample_steps: int = setting(20, 'DDIM steps per generated class image', low=1, high=1000)
+    guidance: float = setting(4.0, 'classifier-free guidance of the generated class images', low=0.0,
+                              exposed=False)
+    seed: int = setting(0, 'seed of the training')
 
 
 class ConceptTrainer:
@@ -105,8 +111,9 @@ class ConceptTrainer:
             class_latents = self._latents(class_images, size) if len(class_images) else None
             if class_captions is not None:
                 class_captions = list(class_captions) * 2          # _latents adds the mirrored copies
-        losses = self._train(tokenizer, extra, kv_params, concept_latents, class_latents, class_captions,
-                             f'{token} {class_word}', class_word, settings, generator, rng, progress,
+        batches = Batches(concept_latents, class_latents, class_captions, f'{token} {class_word}', class_word,
+                          settings.batch, rng)
+        losses = self._train(tokenizer, extra, kv_params, batches, settings, generator, progress,
                              show_progress, name)
         concept = Concept(name=name, class_word=class_word, token=token,
                           embedding=extra.detach()[0].float().cpu().clone(),
@@ -115,7 +122,8 @@ class ConceptTrainer:
                           fingerprint=self.fingerprint, aliases=list(aliases),
                           training=dict(asdict(settings), size=size, images=len(images),
                                         class_images=0 if class_latents is None else len(class_latents) // 2,
-                                        templates=list(TEMPLATES), loss_first=losses[0], loss_last=losses[-1],
+                                        templates=list(TRAINING_TEMPLATES), loss_first=losses[0],
+                                        loss_last=losses[-1],
                                         seconds=round(time.time() - start, 2), base_model=self.sd.path))
         if out_dir:
             save_concept(concept, out_dir)
@@ -144,7 +152,7 @@ class ConceptTrainer:
     @torch.no_grad()
     def _latents(self, images, size):
         """VAE latents (posterior mean, scaled) of square-padded images and their mirror images, float32."""
-        pixels = torch.stack([_to_pixels(square(np.asarray(im), size)) for im in images])
+        pixels = torch.stack([to_pixels(square(np.asarray(im), size)) for im in images])
         pixels = torch.cat([pixels, pixels.flip(-1)])
         vae = self.sd.vae
         latents = [vae.encode(chunk.to(self.sd.device, self.sd.dtype)).latent_dist.mean
@@ -174,43 +182,56 @@ class ConceptTrainer:
         return self.text_encoder(ids.to(self.sd.device))[0].float()
 
     # --- training loop --------------------------------------------------------------------------------------
-    def _train(self, tokenizer, extra, kv_params, concept_latents, class_latents, class_captions, phrase,
-               class_word, settings, generator, rng, progress, show_progress, name):
+    def _train(self, tokenizer, extra, kv_params, batches, settings, generator, progress, show_progress,
+               name):
         params = [w for pair in kv_params.values() for w in pair]
         optimizer = torch.optim.Adam([{'params': params, 'lr': settings.lr},
                                       {'params': [extra], 'lr': settings.lr_token}])
-        steps = int(settings.steps)
         scheduler = self.sd.scheduler
         losses = []
-        bar = tqdm(range(steps), desc=f'learn {name}', disable=not show_progress)
-        for step in bar:
-            idx = torch.from_numpy(rng.integers(0, len(concept_latents), settings.batch))
-            x0 = [concept_latents[idx]]
-            captions = [TEMPLATES[i].format(phrase) for i in rng.integers(0, len(TEMPLATES), settings.batch)]
-            if class_latents is not None:
-                cls = rng.integers(0, len(class_latents), settings.batch)
-                x0.append(class_latents[torch.from_numpy(cls)])
-                captions += [class_captions[i] if class_captions else
-                             TEMPLATES[rng.integers(len(TEMPLATES))].format(class_word) for i in cls]
-            x0 = torch.cat(x0).to(self.sd.device)
+
+        def loss_of_step(step):
+            x0, captions = batches.next()
+            x0 = x0.to(self.sd.device)
             noise = torch.randn(x0.shape, generator=generator).to(x0)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-            noisy = scheduler.add_noise(x0, noise, t)
-            text = self._text(tokenizer, captions)
-            pred = self.unet(noisy, t.to(x0.device), encoder_hidden_states=text).sample
+            pred = self.unet(scheduler.add_noise(x0, noise, t), t.to(x0.device),
+                             encoder_hidden_states=self._text(tokenizer, captions)).sample
             errors = F.mse_loss(pred.float(), noise, reduction='none').mean(dim=(1, 2, 3))
             loss = errors[:settings.batch].mean()
-            if class_latents is not None:
+            if batches.class_latents is not None:
                 loss = loss + settings.prior_weight * errors[settings.batch:].mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params + [extra], 1.0)
-            optimizer.step()
-            losses.append(round(loss.item(), 5))
-            bar.set_postfix(loss=f'{losses[-1]:.4f}')
+            return loss
+
+        def after_step(done, loss, _):
+            losses.append(round(loss, 5))
             if progress is not None:
-                progress(step + 1, steps, losses[-1])
+                progress(done, settings.steps, losses[-1])
+        run_steps(loss_of_step, optimizer, 0, int(settings.steps), f'learn {name}', after_step=after_step,
+                  show_progress=show_progress)
         return losses or [float('nan')]
+
+
+class Batches:
+    """Training batches: concept latents with their captions, plus as many class latents (prior)."""
+
+    def __init__(self, concept_latents, class_latents, class_captions, phrase, class_word, size, rng):
+        self.concept_latents, self.class_latents = concept_latents, class_latents
+        self.class_captions, self.phrase, self.class_word = class_captions, phrase, class_word
+        self.size, self.rng = size, rng
+
+    def next(self):
+        """Return (latents [B, C, h, w], captions) of the next batch."""
+        rng, templates = self.rng, TRAINING_TEMPLATES
+        idx = torch.from_numpy(rng.integers(0, len(self.concept_latents), self.size))
+        x0 = [self.concept_latents[idx]]
+        captions = [templates[i].format(self.phrase) for i in rng.integers(0, len(templates), self.size)]
+        if self.class_latents is not None:
+            cls = rng.integers(0, len(self.class_latents), self.size)
+            x0.append(self.class_latents[torch.from_numpy(cls)])
+            captions += [self.class_captions[i] if self.class_captions else
+                         templates[rng.integers(len(templates))].format(self.class_word) for i in cls]
+        return torch.cat(x0), captions
 
 
 def training_size(sd, size):
@@ -227,29 +248,6 @@ def learn_concept(components, images, name, class_word, out_dir, **kwargs):
     With concepts installed (a ConceptLibrary), use ConceptTrainer.from_library(library).learn(...).
     """
     return ConceptTrainer(components).learn(images, name, class_word, out_dir, **kwargs)
-
-
-def next_free_token(concepts_dir, name=None):
-    """'<newN>' not used by another concept of the directory (a concept being replaced keeps its token)."""
-    tokens = {}
-    if concepts_dir and os.path.isdir(concepts_dir):
-        tokens = {entry: _read_token(os.path.join(concepts_dir, entry))
-                  for entry in os.listdir(concepts_dir) if not entry.startswith('.')}
-    own = tokens.get(safe_folder_name(name)) if name is not None else None
-    if own:
-        return own
-    n = 1
-    while f'<new{n}>' in tokens.values():
-        n += 1
-    return f'<new{n}>'
-
-
-def _read_token(folder):
-    try:
-        with open(os.path.join(folder, 'concept.json'), encoding='utf-8') as f:
-            return json.load(f).get('token')
-    except (OSError, ValueError):
-        return None
 
 
 def _private_copy(module, share):
@@ -277,18 +275,3 @@ def square(rgb, size):
     padded = cv2.copyMakeBorder(rgb, top, side - h - top, left, side - w - left, cv2.BORDER_REPLICATE)
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     return cv2.resize(padded, (size, size), interpolation=interpolation)
-
-
-def _to_pixels(rgb):
-    return torch.from_numpy(rgb).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def read_images(folder):
-    """RGB uint8 images (png/jpg/bmp) of a folder, sorted by name."""
-    names = sorted(f for f in os.listdir(folder) if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp')))
-    images = []
-    for name in names:
-        bgr = cv2.imread(os.path.join(folder, name), cv2.IMREAD_COLOR)
-        if bgr is not None:
-            images.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    return images
