@@ -12,6 +12,7 @@ of self-attention, Hungarian). Reported per split (all / semantic / visual distr
 af_acc; plus how far the merged forward is from one forward per concept. JSON + PNG.
 """
 import argparse
+import hashlib
 from dataclasses import asdict, fields, replace
 import json
 import os
@@ -21,14 +22,14 @@ import tempfile
 import numpy as np
 from tqdm import tqdm
 
-from ..core.concepts import ConceptError, ConceptLibrary, concept_folder, load_concept
+from ..core.concepts import ConceptError, ConceptLibrary, concept_folder, load_concept, save_concept
 from ..core.instances import (InstanceQuery, PersonalConfig, PersonalSegmenter, score_query, summarise,
                               truth_instance)
 from ..core.query_engine import instance_config
 from ..core.sd_models import load_sd_components
 from ..core.segmenter import Segmenter, SegmenterConfig
 from ..synthworld.synthmug import distractors, make_benchmark
-from ..training.custom_diffusion import ConceptTrainer, LearnSettings, training_size
+from ..training.custom_diffusion import ConceptTrainer, LearnSettings, next_free_token, training_size
 
 METHODS = ('ours', 'subject', 'context', 'arithmetic', 'ours_separate')
 SPLITS = ('all', 'semantic', 'visual')
@@ -52,12 +53,25 @@ def arithmetic_concepts(library, concepts):
             for key, c in concepts.items()}
 
 
+def mug_digest(mug, views):
+    """Identity of a personal mug and its training views (a cached concept must match it exactly)."""
+    h = hashlib.sha1(repr(asdict(mug)).encode())
+    for view in views:
+        h.update(np.ascontiguousarray(view).tobytes())
+    return h.hexdigest()[:16]
+
+
 def learn_pool(library, bench, concepts_dir, settings, show_progress=True):
-    """Learn a concept per personal mug, reusing those in concepts_dir learned on this model and settings."""
+    """Learn a concept per personal mug, reusing those in concepts_dir learned on this model and settings.
+
+    A cached concept is reused only when its training settings and the mug's identity and training views
+    (digest) match, so draws of different seeds never share a concept by name.
+    """
     trainer, concepts = None, {}
     for mug in tqdm(bench.mugs, desc='concepts', disable=not show_progress):
         views = bench.views[mug.key]
-        wanted = dict(asdict(settings), images=len(views), size=training_size(library.sd, settings.size))
+        wanted = dict(asdict(settings), images=len(views), size=training_size(library.sd, settings.size),
+                      synthmug=mug_digest(mug, views))
         try:
             concept = load_concept(concept_folder(concepts_dir, mug.name), library.fingerprint)
             if all(concept.training.get(k) == v for k, v in wanted.items()):
@@ -66,10 +80,12 @@ def learn_pool(library, bench, concepts_dir, settings, show_progress=True):
         except ConceptError:
             pass
         trainer = trainer or ConceptTrainer.from_library(library)
-        concepts[mug.key] = trainer.learn(views, mug.name, 'mug', concepts_dir,
-                                          class_images=bench.class_images,
-                                          class_captions=bench.class_captions, settings=settings,
-                                          show_progress=show_progress)
+        concept = trainer.learn(views, mug.name, 'mug', None, class_images=bench.class_images,
+                                class_captions=bench.class_captions, settings=settings,
+                                token=next_free_token(concepts_dir, mug.name), show_progress=show_progress)
+        concept.training['synthmug'] = wanted['synthmug']
+        save_concept(concept, concepts_dir)
+        concepts[mug.key] = concept
     return concepts
 
 
