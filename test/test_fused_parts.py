@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg_ros.core.appearance import (PROTOTYPE_FILE, AppearanceError, FeatureCapture, Prototypes, feature_map,
-                                         grid_weights, load_prototypes, pool, rescale_view, save_prototypes)
+from diffseg_ros.core.appearance import (PROTOTYPE_FILE, AppearanceError, FeatureCapture, Prototypes,
+                                         feature_map, grid_weights, load_prototypes, pool, rescale_view,
+                                         save_prototypes)
 from diffseg_ros.core.fusion import Calibration, assign, fit_weights, fuse, standardise, standardise_all
-from diffseg_ros.core.proposals import (ProposalConfig, adjacency, clean_pieces, merge_by_attention, objectness,
-                                        proposal_recall, propose, region_means, superpixels)
+from diffseg_ros.core.proposals import (ProposalConfig, adjacency, clean_pieces, merge_by_attention,
+                                        objectness, proposal_recall, propose, region_means, superpixels)
 
 
 # --- appearance ---------------------------------------------------------------------------------------------
@@ -24,8 +25,8 @@ def test_prototypes_round_trip(tmp_path):
     save_prototypes(p, tmp_path)
     back = load_prototypes(tmp_path, 'abc123', ('up_blocks.1',))
     assert torch.equal(back.vectors, p.vectors) and torch.equal(back.scales, p.scales)
-    assert (back.fingerprint, back.layers, back.timestep, back.info) == ('abc123', ('up_blocks.1',), 50,
-                                                                        {'views': 2})
+    expected = ('abc123', ('up_blocks.1',), 50, {'views': 2})
+    assert (back.fingerprint, back.layers, back.timestep, back.info) == expected
 
 
 def test_prototypes_refuse_other_model_layers_and_pickles(tmp_path):
@@ -162,7 +163,8 @@ def test_average_linkage_respects_neighbours_and_threshold():
     far = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]], float)
     assert average_linkage(far, pairs, 0.3).tolist() == [0, 0, 1, 1]
     assert average_linkage(np.zeros((4, 4)), pairs, 0.3).tolist() == [0, 0, 0, 0]
-    assert average_linkage(np.zeros((3, 3)), np.array([[0, 1]]), 0.3).tolist() == [0, 0, 1]   # 2 not a neighbour
+    alone = average_linkage(np.zeros((3, 3)), np.array([[0, 1]]), 0.3)
+    assert alone.tolist() == [0, 0, 1]                                 # atom 2 is no atom's neighbour
 
 
 def test_proposal_helpers():

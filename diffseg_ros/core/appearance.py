@@ -143,7 +143,8 @@ class Prototypes:
 
 def save_prototypes(prototypes, folder):
     """Write the prototype file of a concept folder (safetensors; settings in its metadata)."""
-    meta = dict(format=str(FORMAT), fingerprint=prototypes.fingerprint, layers=json.dumps(list(prototypes.layers)),
+    meta = dict(format=str(FORMAT), fingerprint=prototypes.fingerprint,
+                layers=json.dumps(list(prototypes.layers)),
                 timestep=str(int(prototypes.timestep)), info=json.dumps(prototypes.info))
     path = os.path.join(folder, PROTOTYPE_FILE)
     save_file({'vectors': prototypes.vectors.detach().float().cpu().contiguous(),
@@ -176,7 +177,8 @@ def load_prototypes(folder, fingerprint=None, layers=None):
             or len(tensors['scales']) != len(tensors['vectors']):
         raise AppearanceError(f'{path} must hold vectors [N, C] and scales [N], found {sorted(tensors)}')
     if fingerprint is not None and meta.get('fingerprint') != fingerprint:
-        raise AppearanceError(f'{path} was made with base model {meta.get("fingerprint")}, the loaded model is '
+        raise AppearanceError(f'{path} was made with base model {meta.get("fingerprint")}, the loaded model '
+                              f'is '
                               f'{fingerprint}; learn the concept again on this model')
     stored_layers = tuple(json.loads(meta.get('layers', '[]')))
     if layers is not None and stored_layers != tuple(layers):
@@ -189,7 +191,7 @@ def load_prototypes(folder, fingerprint=None, layers=None):
                       int(meta.get('timestep', 0)), json.loads(meta.get('info', '{}')))
 
 
-# --- views at the scale the node sees them --------------------------------------------------------------------
+# --- views at the scale the node sees them ------------------------------------------------------------
 def rescale_view(rgb, mask, target, canvas):
     """Resize a view so the mask's long side is `target` px, placed on a canvas x canvas frame.
 

@@ -107,9 +107,9 @@ def fit_weights(samples, names=EVIDENCES, l2=0.01, fixed=None):
         for q, r in enumerate(right):
             if r < 0:
                 continue
+            width = np.asarray(next(iter(z_scores.values()))).shape[1]
             features = np.stack([np.nan_to_num(np.asarray(z_scores[n], float)[q], nan=0.0)
-                                 if n in z_scores else np.zeros(np.asarray(next(iter(z_scores.values()))).shape[1])
-                                 for n in names], 1)
+                                 if n in z_scores else np.zeros(width) for n in names], 1)
             rows.append((features, r))
     if not rows or not free:
         return {n: float(fixed.get(n, 0.0)) for n in names}

@@ -60,7 +60,8 @@ class FusedPersonalSegmenter:
 
     def __init__(self, segmenter, library=None, config=None, prototypes=None):
         if segmenter.config.method != 't2m':
-            raise ValueError("the fused instance path reads T2M's timestep and noise: needs a 't2m' Segmenter")
+            raise ValueError("the fused instance path reads T2M's timestep and noise: "
+                             "needs a 't2m' Segmenter")
         self.seg = segmenter
         self.library = library
         self.config = config or FusedConfig()
@@ -107,7 +108,7 @@ class FusedPersonalSegmenter:
                 return InstanceQuery(text, prompt, concept.class_word, concept.name)
         return InstanceQuery(text, text)
 
-    # --- the forward ------------------------------------------------------------------------------------------
+    # --- the forward --------------------------------------------------------------------------------
     def _sync_text_cache(self):
         version = self.library.text_version if self.library else 0
         if version != self._text_version:
@@ -115,7 +116,7 @@ class FusedPersonalSegmenter:
             self._text_version = version
 
     def forward(self, rgb, prompts):
-        """One VAE encode + UNet forward with these phrases (+ stuff words); returns a dict of what it read."""
+        """One VAE encode + UNet forward with these phrases (+ stuff words); returns what it read."""
         self._sync_text_cache()
         kept = self.seg.set_queries(list(prompts) + [w for w in self.stuff_words if w not in prompts])
         fit = self.config.fit_prompt and self.library is not None
@@ -125,15 +126,12 @@ class FusedPersonalSegmenter:
         return dict(kept=kept, frame=frame, features=features.features, prompt=self.seg.prompt)
 
     def token_maps(self, read, groups):
-        """Mean cross-attention of token groups (lists of prompt positions) at the frame's size -> [G, H, W]."""
+        """Mean cross-attention of token groups (lists of prompt positions) at frame size [G, H, W]."""
         frame = read['frame']
-        probs = frame.capture.cross[self.evidence_layers[0]]
-        size = frame.capture.layer_size(probs.shape[1])
-        finest = max((frame.capture.layer_size(frame.capture.cross[n].shape[1]) for n in self.evidence_layers),
-                     key=lambda s: s[0] * s[1])
+        sizes = [frame.capture.layer_size(frame.capture.cross[n].shape[1]) for n in self.evidence_layers]
+        finest = max(sizes, key=lambda s: s[0] * s[1])
         groups = [g if len(g) else [0] for g in groups]
         maps = query_cross_maps(frame.capture, self.evidence_layers, groups, finest).mean(0)     # [G, h, w]
-        del size
         return self.seg.to_image(maps, frame).numpy()
 
     def attention_maps(self, read):
@@ -152,7 +150,7 @@ class FusedPersonalSegmenter:
         frame = read['frame']
         return frame.valid[0] / frame.out_size[0]
 
-    # --- a frame ---------------------------------------------------------------------------------------------
+    # --- a frame --------------------------------------------------------------------------------
     def segment(self, rgb, queries, weights=None, evidences=EVIDENCES):
         """Segment a frame for queries (str or InstanceQuery); returns an InstanceResult.
 
@@ -238,7 +236,8 @@ class FusedPersonalSegmenter:
         segments = [dict(instance_id=i, class_word='') for i in range(1, count + 1)]
         scores = {}
         for word in class_words:
-            rows = [i for i, q in enumerate(queries) if q.class_word == word and ('subject', q.prompt) in index]
+            rows = [i for i, q in enumerate(queries)
+                    if q.class_word == word and ('subject', q.prompt) in index]
             raw = {name: np.full((len(rows), count), np.nan) for name in EVIDENCES}
             for r, i in enumerate(rows):
                 q = queries[i]
@@ -259,7 +258,8 @@ class FusedPersonalSegmenter:
             for r, i in enumerate(rows):
                 result = results[i]
                 if alone[r] >= 0:
-                    result.alone_instance_id, result.alone_score = int(alone[r] + 1), float(fused[r, alone[r]])
+                    result.alone_instance_id = int(alone[r] + 1)
+                    result.alone_score = float(fused[r, alone[r]])
                 if joint[r] >= 0:
                     c = joint[r]
                     result.instance_id, result.score = int(c + 1), float(fused[r, c])
@@ -288,8 +288,8 @@ class FusedPersonalSegmenter:
 
     def _add_plain(self, read, plain, queries, results, instances, segments):
         frame = read['frame']
-        spans = [read['prompt']['spans'][read['kept'].queries.index(p)] for p in plain if p in read['kept'].queries]
         kept = [p for p in plain if p in read['kept'].queries]
+        spans = [read['prompt']['spans'][read['kept'].queries.index(p)] for p in kept]
         if not kept:
             return
         config = self.seg.config
@@ -310,7 +310,7 @@ class FusedPersonalSegmenter:
                     r.instance_id = r.alone_instance_id = instance_id
 
 
-# --- prototypes while learning ----------------------------------------------------------------------------------
+# --- prototypes while learning ----------------------------------------------------------------------
 def object_mask(fused, rgb, class_word):
     """The class word's best proposal in a view of one object (for prototypes when no mask is given)."""
     result = fused.segment(rgb, [InstanceQuery(class_word, class_word)], evidences=())

@@ -36,8 +36,8 @@ class ProposalConfig:
     fg_mid: float = 0.45            # objectness above: probable object
     fg_high: float = 0.8            # objectness above: sure object
     grabcut_iterations: int = 3
-    cell: int = 3                   # superpixel seed spacing (px at the frame's resolution)
-    merge_threshold: float = 0.2    # average-linkage cosine distance of superpixel self-attention
+    cell: int = 4                   # superpixel seed spacing (px at the frame's resolution)
+    merge_threshold: float = 0.6    # average-linkage cosine distance of superpixel self-attention
     min_pixels: int = 20            # smaller pieces join a neighbour
 
     def validate(self):

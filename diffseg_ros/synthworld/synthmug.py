@@ -15,7 +15,8 @@ Distractors, as in Mug19 (T2M section 4.2), decided per query from the other mug
             patterns and categories, so a colour word is the context that can tell look-alikes apart here;
             Mug19 uses states such as "filled with cola".)
 The pool is drawn as such pairs (kinds cycling semantic, visual, hard), and each scene is built around one
-pair (cycling semantic, visual, hard, visual). Several views of a scene are spread over a 50-degree azimuth sweep.
+pair (cycling semantic, visual, hard, visual). Several views of a scene are spread over a 50-degree azimuth
+sweep.
 """
 from dataclasses import dataclass, field, replace
 

@@ -112,7 +112,8 @@ def prototypes_for(fused, bench, concepts, masks_mode='model', show_progress=Tru
         found = None
         if concept.folder:
             try:
-                found = load_prototypes(concept.folder, fused.seg.sd.fingerprint(), fused.config.feature_layers)
+                found = load_prototypes(concept.folder, fused.seg.sd.fingerprint(),
+                                        fused.config.feature_layers)
             except AppearanceError:
                 found = None
         if found is not None and found.timestep == fused.seg.timestep and \
@@ -194,7 +195,8 @@ def calibration_samples(records, evidences):
         ious = np.asarray(record['ious'], float).reshape(len(record['mugs']), record['proposals'])
         if not ious.size:
             continue
-        raw = {k: np.asarray(v, float).reshape(ious.shape) for k, v in record['raw'].items() if k in evidences}
+        raw = {k: np.asarray(v, float).reshape(ious.shape)
+               for k, v in record['raw'].items() if k in evidences}
         right = [int(np.argmax(r)) if r.max() >= 0.5 else -1 for r in ious]
         samples.append((standardise_all(raw), right))
     return samples
@@ -226,7 +228,7 @@ def query_rows(records, weights, bench):
 
 
 def bootstrap(rows, metric, reps=1000, seed=0):
-    """Mean of a per-query metric and its 95 % interval, resampling scenes (all their views) with replacement."""
+    """Mean of a per-query metric and its 95 % interval, resampling scenes (with their views)."""
     if not rows:
         return dict(value=0.0, low=0.0, high=0.0, count=0)
     scenes = sorted({r['scene'] for r in rows})
@@ -291,10 +293,9 @@ def run_personal_eval(model_path='', seed=0, mugs=12, scenes=36, views=2, size=1
             present = [concepts[m.key] for m in present_mugs]
             for row in sorted(rows, key=list(ROWS).index):
                 install_for(library, row, present, arithmetic, state)
-                keyed = arithmetic if row == 'arithmetic' else concepts
-                queries = row_queries(row, present_mugs, {m.key: keyed[m.key] if row != 'arithmetic'
-                                                         else arithmetic[concepts[m.key].name]
-                                                         for m in present_mugs})
+                keyed = {m.key: arithmetic[concepts[m.key].name] if row == 'arithmetic' else concepts[m.key]
+                         for m in present_mugs}
+                queries = row_queries(row, present_mugs, keyed)
                 start = time.perf_counter()
                 if row == 't2m':
                     result = t2m.segment(scene.rgb, queries)
@@ -317,14 +318,17 @@ def run_personal_eval(model_path='', seed=0, mugs=12, scenes=36, views=2, size=1
         weights = fit_row_weights([r for r in scored if 'raw' in r])
         source = f'fitted on this draw (seed {seed}): a validation number, not a test number'
     else:
-        weights, source = {k: dict(v) for k, v in calibration['weights'].items()}, calibration.get('source', '')
+        weights = {k: dict(v) for k, v in calibration['weights'].items()}
+        source = calibration.get('source', '')
     per_query = query_rows(scored, weights, bench)
     cost = {row: float(np.median([r['seconds'] for r in records if r['row'] == row]))
             for row in list(rows) + (['semantic_path'] if semantic is not None else [])}
     report = dict(model=sd.path, fingerprint=library.fingerprint, benchmark=bench.settings,
                   learn=asdict(settings), timestep=int(fused_seg.timestep), prototypes_masks=masks_mode,
-                  proposals=asdict(fused.config.proposals), queries=sum(1 for r in per_query if r['row'] == rows[0]),
-                  splits={s: sum(1 for r in per_query if r['row'] == rows[0] and s in r['splits']) for s in SPLITS},
+                  proposals=asdict(fused.config.proposals),
+                  queries=sum(1 for r in per_query if r['row'] == rows[0]),
+                  splits={s: sum(1 for r in per_query if r['row'] == rows[0] and s in r['splits'])
+                          for s in SPLITS},
                   weights=weights, calibration_source=source, rows=summarise_rows(per_query, rows),
                   cost_seconds=cost,
                   cost_ratio_instance_over_semantic=(cost['ours'] / cost['semantic_path']
@@ -347,7 +351,8 @@ def _bars(report):
     singles = [r for r in ('appearance', 'subject', 'context') if r in rows]
     best = max(singles, key=lambda r: rows[r]['all']['af_acc']['value']) if singles else None
     half = (ours['all']['af_acc']['high'] - ours['all']['af_acc']['low']) / 2
-    out = dict(af_acc=ours['all']['af_acc']['value'], af_acc_at_least_0_90=ours['all']['af_acc']['value'] >= 0.9,
+    af = ours['all']['af_acc']['value']
+    out = dict(af_acc=af, af_acc_at_least_0_90=af >= 0.9,
                visual_af_acc_at_least_0_80=ours['visual']['af_acc']['value'] >= 0.8,
                miou_at_least_0_60=ours['all']['miou']['value'] >= 0.6,
                proposal_recall_at_least_0_85=ours['all']['proposal_recall']['value'] >= 0.85)
@@ -445,11 +450,13 @@ def print_report(report):
     for row, splits in report['rows'].items():
         cells = []
         for split, v in splits.items():
-            cells.append(f"{split}: " + ' '.join(f"{m} {v[m]['value']:.3f} [{v[m]['low']:.2f},{v[m]['high']:.2f}]"
-                                                 for m in ('miou', 'bf_acc', 'af_acc')))
+            parts = [f"{m} {v[m]['value']:.3f} [{v[m]['low']:.2f},{v[m]['high']:.2f}]"
+                     for m in ('miou', 'bf_acc', 'af_acc')]
+            cells.append(f"{split}: " + ' '.join(parts))
         print(f"{row:11s} recall {splits['all']['proposal_recall']['value']:.3f}  " + ' | '.join(cells))
-    print('cost per frame (median s):', json.dumps({k: round(v, 3) for k, v in report['cost_seconds'].items()}),
-          'ours / semantic path:', report['cost_ratio_instance_over_semantic'])
+    cost = {k: round(v, 3) for k, v in report['cost_seconds'].items()}
+    print('cost per frame (median s):', json.dumps(cost), 'ours / semantic path:',
+          report['cost_ratio_instance_over_semantic'])
     print('bars:', json.dumps(report['bars']))
 
 
@@ -462,7 +469,8 @@ def main(args):
     report = run_personal_eval(args.model, args.seed, args.mugs, args.scenes, args.views, args.size,
                                tuple(args.train_views), args.class_count, tuple(args.rows), args.concepts_dir,
                                settings, args.dtype, args.report, image_size=args.image_size,
-                               calibration=calibration, timestep=args.timestep, masks_mode=args.prototype_masks,
+                               calibration=calibration, timestep=args.timestep,
+                               masks_mode=args.prototype_masks,
                                semantic_cost=not args.no_semantic_cost)
     print_report(report)
     if args.fit_calibration:
