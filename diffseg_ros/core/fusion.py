@@ -7,7 +7,9 @@ Evidences of a concept query for every proposal of the frame:
   class       mean cross-attention of the class word ('mug'): how much the proposal is a mug at all
 Raw scores live on different scales (attention probabilities, cosines) and their spread changes from frame
 to frame, so each evidence is standardised over the frame's proposals (per query: z = (x - mean) / std)
-and the fused score is a weighted sum of z-scores. The weights are fitted on validation draws as a
+and, when a frame holds several queries, also over the queries (per proposal: which concept does this
+proposal resemble most -- what the Hungarian step compares; 'subject~', 'context~', 'appearance~'). The
+fused score is a weighted sum of these z-scores. The weights are fitted on validation draws as a
 conditional logit (softmax over a query's proposals, the right proposal as the label, small L2 penalty),
 never on a test draw. An evidence a query lacks (no context words, no prototypes) contributes 0.
 Pure functions; ROS-free.
@@ -19,6 +21,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment, minimize
 
 EVIDENCES = ('subject', 'context', 'appearance', 'class')
+ACROSS = ('subject', 'context', 'appearance')     # also standardised over a proposal's queries
+FEATURES = EVIDENCES + tuple(f'{e}~' for e in ACROSS)
 
 
 @dataclass
@@ -26,7 +30,8 @@ class Calibration:
     """Weights of the standardised evidences; where and how they were chosen."""
 
     weights: dict = field(default_factory=lambda: {'subject': 1.0, 'context': 1.0, 'appearance': 1.0,
-                                                   'class': 1.0})
+                                                   'class': 1.0, 'subject~': 1.0, 'context~': 1.0,
+                                                   'appearance~': 1.0})
     source: str = 'uncalibrated defaults'
 
     def to_json(self):
@@ -35,9 +40,9 @@ class Calibration:
     @classmethod
     def from_dict(cls, data):
         weights = {str(k): float(v) for k, v in dict(data.get('weights', {})).items()}
-        unknown = set(weights) - set(EVIDENCES)
+        unknown = set(weights) - set(FEATURES)
         if unknown:
-            raise ValueError(f'unknown evidence(s) {sorted(unknown)}; known: {list(EVIDENCES)}')
+            raise ValueError(f'unknown evidence(s) {sorted(unknown)}; known: {list(FEATURES)}')
         return cls(weights, str(data.get('source', '')))
 
 
@@ -53,8 +58,11 @@ def standardise(scores, axis=1):
     return np.where(np.isnan(scores), np.nan, np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0))
 
 
-def standardise_all(evidence):
-    """{name: raw [Q, P] or None} -> {name: z [Q, P]} (None and all-NaN evidences dropped)."""
+def standardise_all(evidence, across=True):
+    """{name: raw [Q, P] or None} -> {name: z [Q, P]} (None and all-NaN evidences dropped).
+
+    across: also 'name~', the z-score over the queries of each proposal (frames with 2+ queries).
+    """
     out = {}
     for name, scores in evidence.items():
         if scores is None:
@@ -62,6 +70,8 @@ def standardise_all(evidence):
         scores = np.asarray(scores, np.float64)
         if scores.size and np.isfinite(scores).any():
             out[name] = standardise(scores)
+            if across and name in ACROSS and len(scores) > 1:
+                out[f'{name}~'] = standardise(scores, axis=0)
     return out
 
 
@@ -94,7 +104,7 @@ def assign(scores, min_score=-np.inf):
     return alone, joint
 
 
-def fit_weights(samples, names=EVIDENCES, l2=0.01, fixed=None):
+def fit_weights(samples, names=FEATURES, l2=0.01, fixed=None):
     """Fit evidence weights on validation samples (conditional logit over each query's proposals).
 
     samples: list of (z_scores {name: [Q, P]}, right [Q] proposal index or -1 to skip). fixed: {name: value}

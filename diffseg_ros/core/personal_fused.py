@@ -29,17 +29,21 @@ from .attention import resolve_layers, transformer_blocks
 from .fusion import EVIDENCES, Calibration, assign, fuse, standardise_all
 from .instances import InstanceQuery, InstanceResult, QueryResult
 from .methods.common import query_cross_maps
-from .proposals import ProposalConfig, objectness, propose, region_means
+from .proposals import ProposalConfig, bilinear_cells, objectness, propose, region_means
 from .segmenter import check_rgb
 
 # Chosen on SynthMug validation draws (seeds 1 and 2), see RESEARCH_18.md.
-DEFAULT_WEIGHTS = {'subject': 1.0, 'context': 1.0, 'appearance': 1.0, 'class': 1.0}
+DEFAULT_WEIGHTS = {'subject': 0.10, 'context': 0.81, 'appearance': 1.15, 'class': -0.16, 'subject~': 0.52,
+                   'context~': 0.89, 'appearance~': 0.40}       # docs/eval_personal_calibration.json, 'ours'
+DEFAULT_TIMESTEP = 50
+DENSE_ROWS_LIMIT = 8_000_000    # pixels x attention keys up to which per-pixel rows are formed densely
 
 
 @dataclass
 class FusedConfig:
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     calibration: Calibration = field(default_factory=lambda: Calibration(dict(DEFAULT_WEIGHTS)))
+    timestep: int = DEFAULT_TIMESTEP     # of the one forward (-1: the segmenter's); proposals chose 50
     evidence_layers: tuple = ()          # cross-attention layers read (default: the segmenter's cross layers)
     self_layer: str = ''                 # self-attention layer of the proposals ('' = segmenter's first)
     feature_layers: tuple = FEATURE_LAYERS
@@ -66,6 +70,8 @@ class FusedPersonalSegmenter:
         self.library = library
         self.config = config or FusedConfig()
         self.seg.background_words = ()          # stuff words are phrases of their own (their spans are read)
+        if self.config.timestep >= 0:
+            self.seg.timestep = int(self.config.timestep)
         self.stuff_words = tuple(segmenter.model_defaults.get('background_words', ('table', 'floor'))
                                  if self.config.stuff_words is None else self.config.stuff_words)
         names = [n for n, _ in transformer_blocks(segmenter.sd.unet)]
@@ -134,16 +140,24 @@ class FusedPersonalSegmenter:
         maps = query_cross_maps(frame.capture, self.evidence_layers, groups, finest).mean(0)     # [G, h, w]
         return self.seg.to_image(maps, frame).numpy()
 
-    def attention_maps(self, read):
-        """Head- and noise-mean self-attention of the proposal layer as per-pixel rows: [K, H, W]."""
-        layer = read['frame'].capture.self_qk[self.self_layer]
+    def attention(self, read):
+        """Head- and noise-mean self-attention of the proposal layer [HW, HW] (rows = queries) and each
+        frame pixel's bilinear neighbours on its grid (index, weight [H, W, 4])."""
+        frame = read['frame']
+        layer = frame.capture.self_qk[self.self_layer]
         q, k = layer.q.float(), layer.k.float()
         total = 0
         for b in range(q.shape[0]):
             total = total + torch.softmax(q[b] @ k[b].transpose(-1, -2) * layer.scale, -1).mean(0)
-        attention = total / q.shape[0]                                       # [HW, HW] rows = queries
-        columns = attention.T.reshape(-1, *layer.size)                       # key maps over query positions
-        return self.seg.to_image(columns, read['frame'])
+        padded = [d * self.seg.sd.vae_scale_factor for d in self.seg.sd_latent_size(frame.valid)]
+        cells = bilinear_cells(frame.out_size, frame.valid, padded, layer.size)
+        return total / q.shape[0], cells
+
+    def attention_maps(self, read):
+        """The same attention as per-pixel rows [K, H, W] (bilinear in the query position; small frames)."""
+        attention, _ = self.attention(read)
+        layer = read['frame'].capture.self_qk[self.self_layer]
+        return self.seg.to_image(attention.T.reshape(-1, *layer.size), read['frame'])
 
     def input_scale(self, read):
         """Model-input pixels per frame pixel."""
@@ -211,7 +225,11 @@ class FusedPersonalSegmenter:
         stuff = [maps[index[('stuff', w)]] for w in self.stuff_words if span_of.get(w)]
         objectness_map = objectness(np.stack(things) if things else np.zeros((1, *rgb.shape[:2])),
                                     np.stack(stuff) if stuff else None)
-        proposals = propose(rgb, objectness_map, self.attention_maps(read), self.config.proposals)
+        attention, cells = self.attention(read)
+        if rgb.shape[0] * rgb.shape[1] * len(attention) <= DENSE_ROWS_LIMIT:   # validated form (SynthMug)
+            proposals = propose(rgb, objectness_map, self.attention_maps(read), self.config.proposals)
+        else:                                                # large frames: bilinear weights, sparse
+            proposals = propose(rgb, objectness_map, attention, self.config.proposals, cells)
         count = proposals.count
         t_props = time.perf_counter()
         means = region_means(maps, proposals.labels, count) if count else np.zeros((len(maps), 0))
@@ -265,7 +283,10 @@ class FusedPersonalSegmenter:
                     result.instance_id, result.score = int(c + 1), float(fused[r, c])
                     result.evidence = {name: dict(raw=_finite(raw[name][r, c]),
                                                   z=_finite(z[name][r, c]) if name in z else None,
-                                                  weight=float(calibrated.get(name, 0.0)))
+                                                  z_across=_finite(z[f'{name}~'][r, c])
+                                                  if f'{name}~' in z else None,
+                                                  weight=float(calibrated.get(name, 0.0)),
+                                                  weight_across=float(calibrated.get(f'{name}~', 0.0)))
                                        for name in EVIDENCES}
             for segment in segments:
                 segment['class_word'] = word

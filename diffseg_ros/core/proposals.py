@@ -122,6 +122,27 @@ def attention_columns(attention, size):
     return attention.T.reshape(-1, *size)
 
 
+def bilinear_cells(out_size, valid, padded, grid):
+    """Each frame pixel's 4 bilinear neighbours on an attention grid over the padded model input.
+
+    out_size: (H, W) of the frame; valid: (h, w) of the resized frame inside the padded input of size
+    padded; grid: (gh, gw). Returns (index [H, W, 4] into the flattened grid, weight [H, W, 4]).
+    """
+    axes = []
+    for n, v, p, g in zip(out_size, valid, padded, grid):
+        coord = (np.arange(n) + 0.5) * v / n * g / p - 0.5
+        low = np.floor(coord)
+        frac = coord - low
+        axes.append((np.clip(low, 0, g - 1).astype(int), np.clip(low + 1, 0, g - 1).astype(int), frac))
+    (y0, y1, fy), (x0, x1, fx) = axes
+    gw = grid[1]
+    index = np.stack([y0[:, None] * gw + x0[None], y0[:, None] * gw + x1[None],
+                      y1[:, None] * gw + x0[None], y1[:, None] * gw + x1[None]], -1)
+    weight = np.stack([(1 - fy)[:, None] * (1 - fx)[None], (1 - fy)[:, None] * fx[None],
+                       fy[:, None] * (1 - fx)[None], fy[:, None] * fx[None]], -1)
+    return index, weight
+
+
 def adjacency(labels, valid=None):
     """Unique pairs (i < j) of 4-neighbouring labels (pixels outside `valid` ignored)."""
     a = np.concatenate([labels[:, :-1].ravel(), labels[:-1].ravel()])
@@ -136,10 +157,12 @@ def adjacency(labels, valid=None):
     return np.unique(np.sort(np.stack([a[keep], b[keep]], 1), 1), axis=0)
 
 
-def merge_by_attention(atoms, mask, rows, threshold):
+def merge_by_attention(atoms, mask, rows, threshold, cells=None):
     """Group the atoms (superpixels) inside `mask` by the self-attention of their pixels.
 
-    atoms: int labels [H, W]; rows: per-pixel attention distributions as maps [K, H, W] (torch or numpy).
+    atoms: int labels [H, W]. rows: per-pixel attention distributions as maps [K, H, W] (torch or numpy);
+    or, with cells = (index [H, W, 4], weight [H, W, 4]): each pixel's bilinear neighbours on the attention
+    grid, the attention matrix [HW, K] itself (rows = query positions) -- the cheap form for large frames.
     Average-linkage agglomerative clustering of the atoms' mean rows (cosine distance), neighbours only.
     Returns int labels [H, W]: 0 outside the mask, groups from 1.
     """
@@ -152,10 +175,20 @@ def merge_by_attention(atoms, mask, rows, threshold):
     if n == 1:
         out[mask] = 1
         return out
-    rows = torch.as_tensor(rows).float().reshape(len(rows), -1)[:, torch.from_numpy(np.flatnonzero(mask))]
-    members = torch.zeros(n, rows.shape[1])
-    members[torch.from_numpy(local), torch.arange(rows.shape[1])] = 1.0
-    means = members @ rows.T / members.sum(1, keepdim=True)                       # [n, K]
+    if cells is not None:
+        from scipy.sparse import coo_matrix
+        matrix = torch.as_tensor(rows).float()
+        index, weight = cells
+        counts = coo_matrix((weight[mask].ravel(), (np.repeat(local, index.shape[-1]), index[mask].ravel())),
+                            shape=(n, len(matrix))).tocsr()
+        means = torch.from_numpy(np.asarray(counts @ matrix.double().numpy())).float()
+        means = means / torch.from_numpy(np.asarray(counts.sum(1))).float().clamp_min(1)
+    else:
+        rows = torch.as_tensor(rows).float().reshape(len(rows), -1)
+        rows = rows[:, torch.from_numpy(np.flatnonzero(mask))]
+        members = torch.zeros(n, rows.shape[1])
+        members[torch.from_numpy(local), torch.arange(rows.shape[1])] = 1.0
+        means = members @ rows.T / members.sum(1, keepdim=True)                   # [n, K]
     means = means / means.norm(dim=1, keepdim=True).clamp_min(1e-12)
     distance = (1 - means @ means.T).clamp_min(0).double().numpy()
     np.fill_diagonal(distance, 0.0)
@@ -223,18 +256,20 @@ def clean_pieces(labels, min_pixels):
     return out
 
 
-def propose(rgb, objectness_map, attention_maps, config=None):
+def propose(rgb, objectness_map, attention_maps, config=None, cells=None):
     """Proposals of a frame.
 
     rgb: uint8 [H, W, 3]; objectness_map: float [H, W] in [0, 1] at the frame's size; attention_maps:
-    per-pixel self-attention distributions as maps [K, H, W] at the frame's size (keys = the layer's grid).
+    per-pixel self-attention distributions as maps [K, H, W] at the frame's size (keys = the layer's grid),
+    or with cells (each pixel's bilinear neighbours on the grid: index, weight [H, W, 4]) the attention
+    matrix [HW, K].
     """
     config = (config or ProposalConfig()).validate()
     start = time.perf_counter()
     fg = foreground(rgb, objectness_map, config)
     t_fg = time.perf_counter()
     atoms = superpixels(rgb, config.cell)
-    grouped = merge_by_attention(atoms, fg, attention_maps, config.merge_threshold)
+    grouped = merge_by_attention(atoms, fg, attention_maps, config.merge_threshold, cells)
     labels = clean_pieces(grouped, config.min_pixels)
     timings = dict(foreground=t_fg - start, grouping=time.perf_counter() - t_fg)
     return Proposals(labels, fg, objectness_map.astype(np.float32), timings)

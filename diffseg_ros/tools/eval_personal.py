@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ..core.appearance import PROTOTYPE_SCALES, AppearanceError, load_prototypes, save_prototypes
 from ..core.concepts import ConceptError, ConceptLibrary, concept_folder, load_concept, save_concept
-from ..core.fusion import EVIDENCES, assign, fit_weights, fuse, standardise_all
+from ..core.fusion import FEATURES, assign, fit_weights, fuse, standardise_all
 from ..core.instances import InstanceQuery, PersonalConfig, PersonalSegmenter, score_query
 from ..core.personal_fused import FusedConfig, FusedPersonalSegmenter, extract_prototypes
 from ..core.query_engine import instance_config
@@ -208,8 +208,8 @@ def fit_row_weights(records, l2=0.01):
     for row, evidences in ROW_EVIDENCES.items():
         mine = [r for r in records if r['row'] == row]
         if mine:
-            fixed = {e: 0.0 for e in EVIDENCES if e not in evidences}
-            weights[row] = fit_weights(calibration_samples(mine, evidences), EVIDENCES, l2=l2, fixed=fixed)
+            fixed = {e: 0.0 for e in FEATURES if e.rstrip('~') not in evidences}
+            weights[row] = fit_weights(calibration_samples(mine, evidences), FEATURES, l2=l2, fixed=fixed)
     return weights
 
 
@@ -273,8 +273,11 @@ def run_personal_eval(model_path='', seed=0, mugs=12, scenes=36, views=2, size=1
     records, examples = [], {}
     base = SegmenterConfig(model_path=model_path, dtype=dtype, method='t2m', image_size=image_size,
                            min_image_size=image_size)
-    fused_seg = Segmenter(instance_config(replace(base, timestep=timestep), sd), components=sd)
-    fused = FusedPersonalSegmenter(fused_seg, library, fused_config or FusedConfig())
+    fused_seg = Segmenter(instance_config(base, sd), components=sd)
+    fused_config = fused_config or FusedConfig()
+    if timestep >= 0:
+        fused_config = replace(fused_config, timestep=timestep)
+    fused = FusedPersonalSegmenter(fused_seg, library, fused_config)
     semantic = Segmenter(SegmenterConfig(model_path=model_path, dtype=dtype), components=sd) \
         if semantic_cost else None
     with tempfile.TemporaryDirectory() as scratch:
