@@ -94,6 +94,7 @@ def foreground(rgb, objectness_map, config):
     if config.grabcut_iterations == 0 or not probable.any() or not has_both:
         return probable
     background, model = np.zeros((1, 65)), np.zeros((1, 65))
+    cv2.setRNGSeed(0)                   # GrabCut's colour models start from k-means: same frame, same cut
     try:
         cv2.grabCut(np.ascontiguousarray(rgb[..., ::-1]), mask, None, background, model,
                     config.grabcut_iterations, cv2.GC_INIT_WITH_MASK)
