@@ -1,5 +1,8 @@
-"""Issue 18's parts on constructed inputs: prototypes (storage, refusal, old folders), fusion and
-calibration, class-agnostic proposals from a constructed self-attention, the fused path on a tiny model."""
+"""Issue 18's parts on constructed inputs.
+
+Prototypes (storage, refusal, old folders), fusion and calibration, class-agnostic proposals from a
+constructed self-attention.
+"""
 import numpy as np
 import pytest
 import torch

@@ -141,8 +141,11 @@ class FusedPersonalSegmenter:
         return self.seg.to_image(maps, frame).numpy()
 
     def attention(self, read):
-        """Head- and noise-mean self-attention of the proposal layer [HW, HW] (rows = queries) and each
-        frame pixel's bilinear neighbours on its grid (index, weight [H, W, 4])."""
+        """Return the proposal layer's self-attention and each frame pixel's place on its grid.
+
+        Head- and noise-mean attention [HW, HW] (rows = queries); bilinear neighbours (index, weight
+        [H, W, 4]).
+        """
         frame = read['frame']
         layer = frame.capture.self_qk[self.self_layer]
         q, k = layer.q.float(), layer.k.float()
@@ -154,7 +157,7 @@ class FusedPersonalSegmenter:
         return total / q.shape[0], cells
 
     def attention_maps(self, read):
-        """The same attention as per-pixel rows [K, H, W] (bilinear in the query position; small frames)."""
+        """Return the same attention as per-pixel rows [K, H, W] (bilinear in the query position)."""
         attention, _ = self.attention(read)
         layer = read['frame'].capture.self_qk[self.self_layer]
         return self.seg.to_image(attention.T.reshape(-1, *layer.size), read['frame'])
@@ -333,7 +336,7 @@ class FusedPersonalSegmenter:
 
 # --- prototypes while learning ----------------------------------------------------------------------
 def object_mask(fused, rgb, class_word):
-    """The class word's best proposal in a view of one object (for prototypes when no mask is given)."""
+    """Return the class word's best proposal in a view of one object (prototypes without a given mask)."""
     result = fused.segment(rgb, [InstanceQuery(class_word, class_word)], evidences=())
     proposals = result.proposals
     if proposals.count == 0:

@@ -84,7 +84,7 @@ def objectness(thing_maps, stuff_maps=None):
 
 
 def foreground(rgb, objectness_map, config):
-    """GrabCut foreground [H, W] initialised from an objectness map already at the frame's size."""
+    """Cut the foreground [H, W] with GrabCut initialised from an objectness map at the frame's size."""
     mask = np.full(objectness_map.shape, cv2.GC_PR_BGD, np.uint8)
     mask[objectness_map < config.fg_low] = cv2.GC_BGD
     mask[objectness_map >= config.fg_mid] = cv2.GC_PR_FGD
@@ -145,7 +145,7 @@ def bilinear_cells(out_size, valid, padded, grid):
 
 
 def adjacency(labels, valid=None):
-    """Unique pairs (i < j) of 4-neighbouring labels (pixels outside `valid` ignored)."""
+    """Return the unique pairs (i < j) of 4-neighbouring labels (pixels outside `valid` ignored)."""
     a = np.concatenate([labels[:, :-1].ravel(), labels[:-1].ravel()])
     b = np.concatenate([labels[:, 1:].ravel(), labels[1:].ravel()])
     keep = a != b

@@ -106,7 +106,7 @@ def _hard_twin_dims(rng):
 
 
 def make_pool(count, seed=0, kinds=PAIR_KINDS):
-    """Personal mugs drawn in pairs, the pair kinds cycling through `kinds`:
+    """Draw personal mugs in pairs, the pair kinds cycling through `kinds`.
 
     semantic: same colour, another pattern (the colour word cannot tell them apart);
     hard:     same colour AND pattern, another texture scale and shape (tall / wide): neither the colour

@@ -140,7 +140,7 @@ def install_for(library, row, present, arithmetic, state):
 
 
 def view_record(row, result, scene, mugs, cost):
-    """What a row's forward gave on a view, enough to score it with any weights later (JSON-able)."""
+    """Record what a row's forward gave on a view, enough to score it with any weights later (JSON)."""
     labels = result.proposals.labels
     truths = [scene.instances == scene.mugs[m.key] for m in mugs]
     count = int(labels.max())
@@ -152,7 +152,7 @@ def view_record(row, result, scene, mugs, cost):
 
 
 def t2m_record(result, scene, mugs, queries, cost):
-    """The t2m row's per-query outcome (its own segments; T2M's protocol)."""
+    """Record the t2m row's per-query outcome (its own segments; T2M's protocol)."""
     rows = []
     for mug, query in zip(mugs, result.queries):
         rows.append(score_query(result, query, scene.instances == scene.mugs[mug.key]))
@@ -433,7 +433,7 @@ def write_report_png(report, examples, bench, path):
 
 
 def _failures(report, examples):
-    """Views where ours chose wrong: (scene, result, query index, 'proposal' or 'score')."""
+    """List the views where ours chose wrong: (scene, result, query index, why)."""
     out = []
     for row in report['per_query']:
         if row['row'] != 'ours' or row['af']:
