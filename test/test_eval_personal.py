@@ -46,39 +46,47 @@ def test_eval_personal_runs_end_to_end(tmp_path, monkeypatch):
     sd = build_sd_components(tiny_configs(), seed=0)
     settings = LearnSettings(steps=2, batch=2, size=0, seed=0)      # 0: the model's training size
     png = tmp_path / 'report.png'
-    report = eval_personal.run_personal_eval(seed=0, mugs=3, scenes=1, views=1, size=64, train_views=(2, 2),
-                                             class_count=2, concepts_dir=str(tmp_path / 'concepts'),
-                                             settings=settings, report_png=str(png), show_progress=False,
-                                             components=sd, image_size=64)
-    assert set(report['methods']) == set(eval_personal.METHODS)
-    for method, splits in report['methods'].items():
+    kwargs = dict(seed=0, mugs=3, scenes=1, views=1, size=64, train_views=(2, 2), class_count=2,
+                  concepts_dir=str(tmp_path / 'concepts'), settings=settings, show_progress=False,
+                  components=sd, image_size=64, semantic_cost=False)
+    report = eval_personal.run_personal_eval(report_png=str(png), **kwargs)
+    assert set(report['rows']) == set(eval_personal.ROWS)
+    for row, splits in report['rows'].items():
         assert set(splits) == {'all', 'semantic', 'visual'}
         for summary in splits.values():
-            assert 0 <= summary['miou'] <= 1 and 0 <= summary['af_acc'] <= 1
-    assert report['methods']['ours']['all']['count'] == report['queries'] >= 3
-    assert report['merge_check']['views'] == 1 and report['merge_check']['relative_l1_mean'] >= 0
-    assert set(report['bars']) == {'ours_af_acc', 'af_at_least_0_90', 'above_unimodal'}
+            for metric in ('miou', 'bf_acc', 'af_acc', 'proposal_recall'):
+                v = summary[metric]
+                assert 0 <= v['low'] <= v['value'] <= v['high'] <= 1 or v['count'] == 0
+    assert report['rows']['ours']['all']['af_acc']['count'] == report['queries'] >= 3
+    assert set(report['weights']) == set(eval_personal.ROW_EVIDENCES) and 'fitted on this draw' in \
+        report['calibration_source']
     assert png.stat().st_size > 10_000
     json.dumps(report)
-    # Concepts are cached: a second run reuses them instead of learning again.
+    # Concepts and prototypes are cached; given weights are used as they are.
     learned = {c: v['loss_last'] for c, v in report['concepts'].items()}
     monkeypatch.setattr(eval_personal.ConceptTrainer, 'learn', lambda *a, **k: pytest.fail('learned again'))
-    again = eval_personal.run_personal_eval(seed=0, mugs=3, scenes=1, views=1, size=64, train_views=(2, 2),
-                                            class_count=2, methods=('ours',), settings=settings,
-                                            concepts_dir=str(tmp_path / 'concepts'), show_progress=False,
-                                            components=sd, image_size=64)
+    monkeypatch.setattr(eval_personal, 'extract_prototypes', lambda *a, **k: pytest.fail('extracted again'))
+    calibration = dict(weights=report['weights'], source='test')
+    again = eval_personal.run_personal_eval(rows=('ours',), calibration=calibration, **kwargs)
     assert {c: v['loss_last'] for c, v in again['concepts'].items()} == learned
-    assert again['methods']['ours'] == report['methods']['ours']
+    assert again['rows']['ours'] == report['rows']['ours'] and again['calibration_source'] == 'test'
+
+
+def test_bootstrap_interval_resamples_scenes():
+    rows = [dict(scene=s, af=float(s % 2)) for s in range(40) for _ in range(3)]
+    out = eval_personal.bootstrap(rows, 'af', reps=500)
+    assert out['value'] == 0.5 and out['low'] < 0.5 < out['high'] and out['count'] == 120
+    assert eval_personal.bootstrap([], 'af')['count'] == 0
 
 
 def test_cli_parser_wires_the_options():
     import argparse
     parser = argparse.ArgumentParser()
     eval_personal.add_parser(parser.add_subparsers(dest='what'))
-    args = parser.parse_args(['personal', '--mugs', '4', '--learn-steps', '7', '--methods', 'ours',
+    args = parser.parse_args(['personal', '--mugs', '4', '--learn-steps', '7', '--rows', 'ours',
                               'context', '--seed', '3'])
-    assert (args.mugs, args.learn_steps, args.methods, args.func) == (4, 7, ['ours', 'context'],
-                                                                      eval_personal.main)
+    assert (args.mugs, args.learn_steps, args.rows, args.func) == (4, 7, ['ours', 'context'],
+                                                                   eval_personal.main)
     assert (args.size, args.seed, args.learn_size, args.learn_seed) == (128, 3, 0, 0)
     with pytest.raises(SystemExit):
-        parser.parse_args(['personal', '--methods', 'magic'])
+        parser.parse_args(['personal', '--rows', 'magic'])

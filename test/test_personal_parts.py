@@ -22,7 +22,7 @@ from diffseg_ros.core.concept_learning import LearnSettings
 from diffseg_ros.core.learn_job import (crop_segment, is_cancel_request, LearnCancelled, LearnConfig,
                                         LearnJob, LearnRequestError, parse_learn_request, train_job)
 from diffseg_ros.core.query_engine import EngineConfig, QueryEngine
-from diffseg_ros.core.segmenter import Segmenter, SegmenterConfig
+from diffseg_ros.core.segmenter import INSTANCE_TIMESTEP, Segmenter, SegmenterConfig
 from diffseg_ros.ros.depth import DepthCache
 from diffseg_ros.ros.image_codec import numpy_to_image_msg
 from diffseg_ros.ros.markers import marker_array, MarkerTracker
@@ -401,7 +401,9 @@ def test_instance_path_runs_t2m_on_frames_at_their_own_size_from_the_training_si
     seg = engine.personal.seg
     instance, papers = seg.settings, Segmenter(replace(config, method='t2m', timestep=-1, cross_layers=()),
                                                components=sd).settings
-    assert (instance.method, instance.timestep, instance.cross_layers) == ('t2m', 150, papers.cross_layers)
+    assert (instance.method, instance.timestep, instance.cross_layers) == ('t2m', INSTANCE_TIMESTEP,
+                                                                          papers.cross_layers)
+    assert instance.background_words == () and instance.stuff_words == papers.background_words
     assert (instance.image_size, instance.min_image_size) == (512, native)
     assert seg.input_size(native // 2) == native and seg.input_size(300) == 300 and seg.input_size(900) == 512
     assert engine.segmenter.input_size(300) == 512         # the semantic path always resizes

@@ -229,15 +229,7 @@ class PersonalSegmenter:
         self._first_cache = None
 
     def resolve(self, query):
-        """Turn a str (or InstanceQuery) into an InstanceQuery; concept names resolve through the library."""
-        if isinstance(query, InstanceQuery):
-            return query
-        text = ' '.join(str(query).split())
-        if self.library is not None:
-            prompt, concept = self.library.resolve(text)
-            if concept is not None:
-                return InstanceQuery(text, prompt, concept.class_word, concept.name)
-        return InstanceQuery(text, text)
+        return resolve_query(self.library, query)
 
     def segment(self, rgb, queries):
         """Segment a frame for queries (str or InstanceQuery); returns an InstanceResult."""
@@ -245,8 +237,8 @@ class PersonalSegmenter:
         rgb = check_rgb(rgb)
         self._sync_text_cache()
         queries = [self.resolve(q) for q in queries]
-        class_words = _unique(q.class_word for q in queries if q.class_word)
-        plain = _unique(q.prompt for q in queries if not q.class_word)
+        class_words = unique(q.class_word for q in queries if q.class_word)
+        plain = unique(q.prompt for q in queries if not q.class_word)
         first = self._first_pass(rgb, plain + [w for w in class_words if w not in plain])
         timings = dict(first_pass=time.perf_counter() - start)
         warnings = list(first['warnings'])
@@ -264,7 +256,7 @@ class PersonalSegmenter:
         for word in class_words:
             scores[word] = self._assign_word(word, ids_of[word], queries, results, maps, grid)
         self._add_plain(first, plain, queries, results, instances, segments)
-        _describe(instances, results, segments)
+        describe_segments(instances, results, segments)
         timings['total'] = time.perf_counter() - start
         return InstanceResult(instances, results, segments, scores, maps, warnings, timings)
 
@@ -407,18 +399,31 @@ def _grid_mask(mask, first):
     return small if small.any() else np.ones_like(small)
 
 
-def _describe(instances, results, segments):
-    """Pixels and bbox of every segment and assigned query from the instance image."""
+def describe_segments(instances, results, segments):
+    """Pixels and bbox of every segment and of every query's assigned instance, from the instance image."""
     for segment in segments:
         mask = instances == segment['instance_id']
         segment['pixels'], segment['bbox'] = int(mask.sum()), bbox(mask)
     for result in results:
-        if result.class_word and result.instance_id:
+        if result.instance_id:
             mask = instances == result.instance_id
             result.pixels, result.bbox = int(mask.sum()), bbox(mask)
 
 
-def _unique(items):
+def resolve_query(library, query):
+    """Turn a str (or InstanceQuery) into an InstanceQuery; concept names resolve through the library."""
+    if isinstance(query, InstanceQuery):
+        return query
+    text = ' '.join(str(query).split())
+    if library is not None:
+        prompt, concept = library.resolve(text)
+        if concept is not None:
+            return InstanceQuery(text, prompt, concept.class_word, concept.name)
+    return InstanceQuery(text, text)
+
+
+def unique(items):
+    """The items in their order, each once."""
     out = []
     for item in items:
         if item not in out:

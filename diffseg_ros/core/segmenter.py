@@ -32,6 +32,9 @@ DEFAULTS_FILE = 'diffseg_defaults.json'
 MAX_QUERIES = 16
 MAX_QUERY_CHARS = 200
 SD_T2M_LAYERS = {'cross': [4, 5, 6, 7, 8], 'self': [11]}   # T2M's indices for the 16-block SD 1.x UNet
+# Timestep of the instance path's one forward: its proposals found more objects at 50 than at T2M's 150
+# (SynthMug validation draws).
+INSTANCE_TIMESTEP = 50
 TEXT_CACHE_SIZE = 8
 
 
@@ -77,7 +80,8 @@ class Resolved:
     min_image_size: int
     cross_layers: tuple          # module names
     self_layers: tuple
-    background_words: tuple
+    background_words: tuple      # appended to every prompt (none on the instance path)
+    stuff_words: tuple           # the words for what is not an object: the instance path's own phrases
 
 
 def read_model_defaults(model_path):
@@ -99,15 +103,18 @@ def resolve(config, sd, model_defaults, instances=False):
     """Resolve a config against the model: the one place recommendations and paper defaults apply.
 
     Semantic path: method '' = the model's recommendation (and its CRF choice; an explicit CRF stays on),
-    else t2m. Instance path (`instances`): always T2M SelfCross (another configured method's timestep and
-    layers do not apply), and frames keep their own size down to the model's training size, where learned
+    else t2m. Instance path (`instances`): T2M's layers and noise at INSTANCE_TIMESTEP (an explicitly
+    configured t2m keeps its timestep and layers), the stuff words as phrases of their own rather than
+    background words, and frames at their own size down to the model's training size, where learned
     concepts bind (their K/V do not carry over to resampled frames).
     """
     method, crf_on = config.method, config.crf
     timestep, cross, selfs = config.timestep, config.cross_layers, config.self_layers
     if instances:
+        if method != 't2m' or timestep < 0:
+            timestep = INSTANCE_TIMESTEP
         if method != 't2m':
-            timestep, cross, selfs = -1, (), ()
+            cross, selfs = (), ()
         method = 't2m'
     elif not method:
         method = model_defaults.get('method', 't2m')
@@ -117,6 +124,7 @@ def resolve(config, sd, model_defaults, instances=False):
         crf_on = crf_on or bool(model_defaults.get('crf', False))
     own = model_defaults.get('methods', {}).get(method, {})
     papers = default_layers(sd.unet, method)
+    words = tuple(config.background_words or model_defaults.get('background_words', DEFAULT_BACKGROUND_WORDS))
     cross = list(cross) or own.get('cross') or papers['cross']
     selfs = list(selfs) or own.get('self', papers['self'])
     return Resolved(
@@ -125,8 +133,7 @@ def resolve(config, sd, model_defaults, instances=False):
         image_size=config.image_size or model_defaults.get('image_size', 512),
         min_image_size=config.min_image_size or (sd.native_image_size if instances else 0),
         cross_layers=tuple(resolve_layers(sd.unet, cross)), self_layers=tuple(resolve_layers(sd.unet, selfs)),
-        background_words=tuple(config.background_words
-                               or model_defaults.get('background_words', DEFAULT_BACKGROUND_WORDS)))
+        background_words=() if instances else words, stuff_words=words)
 
 
 @dataclass

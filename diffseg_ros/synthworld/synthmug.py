@@ -6,14 +6,17 @@ objects on a table, seen from a few orbiting viewpoints. Every visible personal 
 query (T2M's triplet: scene, object, description). The description ("context") is its colour word.
 
 Distractors, as in Mug19 (T2M section 4.2), decided per query from the other mugs in the same view:
-  semantic: another mug of the same colour with a different pattern -- the colour word cannot tell them
-            apart, the learned concept must;
-  visual:   a look-alike -- same shape and pattern, a neighbouring colour (red / orange, blue / purple, ...),
-            both shades drawn 25 % toward each other -- the concept alone confuses them, the colour word
-            in the context tells them apart. (SynthWorld's words are colours, patterns and categories, so
-            a colour word is the context that can tell look-alikes apart here; Mug19 uses states such as
-            "filled with cola".)
-The pool is drawn as such pairs, and scenes are built around them.
+  semantic: another mug of the same colour -- the colour word cannot tell them apart, the learned concept
+            (and the mug's look) must. Pool pairs of two kinds give them: 'semantic' (same colour, another
+            pattern) and 'hard' (same colour AND pattern, another texture scale and shape: tall / wide);
+  visual:   a look-alike -- same shape, pattern and texture scale, a neighbouring colour (red / orange,
+            blue / purple, ...), both shades drawn 25 % toward each other -- the concept alone confuses
+            them, the colour word in the context tells them apart. (SynthWorld's words are colours,
+            patterns and categories, so a colour word is the context that can tell look-alikes apart here;
+            Mug19 uses states such as "filled with cola".)
+The pool is drawn as such pairs (kinds cycling semantic, visual, hard), and each scene is built around one
+pair (cycling semantic, visual, hard, visual). Several views of a scene are spread over a 50-degree azimuth
+sweep.
 """
 from dataclasses import dataclass, field, replace
 
@@ -24,7 +27,7 @@ from .captions import phrase
 from .objects import CATEGORIES, build_object, object_material, sample_dims
 from .primitives import frame_matrix
 from .render import render
-from .scene import CEILING_HEIGHT, CameraRig, ObjectInfo, camera_orbit, framing_distance, rig_pose, \
+from .scene import CEILING_HEIGHT, CameraRig, ObjectInfo, framing_distance, rig_pose, \
     sample_spec, visible_objects
 from .textures import COLOURS, PATTERNS, second_colour
 
@@ -34,6 +37,8 @@ VISUAL_PAIRS = (('red', 'orange'), ('blue', 'purple'), ('pink', 'red'), ('yellow
 LOOK_ALIKE_MIX = 0.25        # how far a visual pair's shades are drawn toward each other
 OTHER_CATEGORIES = tuple(c for c in CATEGORIES if c != 'mug')
 FOV_DEG = 55.0
+PAIR_KINDS = ('semantic', 'visual', 'hard')
+SCENE_KINDS = ('semantic', 'visual', 'hard', 'visual')     # the pair each scene is built around
 
 
 @dataclass
@@ -64,7 +69,7 @@ class MugScene:
     mugs: dict                # personal mug key -> instance id (visible ones only)
     seed: int
     view: int
-    kind: str                 # how the scene was built: 'semantic', 'visual' or 'mixed'
+    kind: str                 # the pair kind the scene was built around: 'semantic', 'visual', 'hard'
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Benchmark:
     class_images: list = field(default_factory=list)
     class_captions: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    view_masks: dict = field(default_factory=dict)   # key -> true masks of the training views (diagnostics)
 
 
 # --- identities ---------------------------------------------------------------------------------------------
@@ -87,35 +93,62 @@ def _mug(rng, key, colour, pattern, dims=None, pair='', toward=None):
                        dims or sample_dims('mug', rng), pair)
 
 
-def make_pool(count, seed=0):
-    """Personal mugs drawn in pairs: semantic (same colour, other pattern) and visual (look-alikes).
+def _hard_twin_dims(rng):
+    """Two mug shapes of one colour and pattern that differ as much as SynthWorld's mugs can."""
+    tall = dict(radius=float(rng.uniform(0.038, 0.042)), height=float(rng.uniform(0.112, 0.12)))
+    wide = dict(radius=float(rng.uniform(0.048, 0.052)), height=float(rng.uniform(0.085, 0.093)))
+    out = []
+    for d in (tall, wide):
+        d.update(handle_radius=0.3 * d['height'], handle_thickness=0.013, handle_width=0.008)
+        d['footprint'] = d['radius'] + 0.3 * d['height']
+        out.append(d)
+    return out
 
-    (colour, pattern) is unique in the pool, so every mug is identifiable from concept + context.
+
+def make_pool(count, seed=0, kinds=PAIR_KINDS):
+    """Draw personal mugs in pairs, the pair kinds cycling through `kinds`.
+
+    semantic: same colour, another pattern (the colour word cannot tell them apart);
+    hard:     same colour AND pattern, another texture scale and shape (tall / wide): neither the colour
+              word nor the pattern tells them apart, only the mug's own look does;
+    visual:   look-alikes -- same shape, pattern and texture scale, neighbouring colours drawn toward
+              each other (the learned look confuses them, the colour word tells them apart).
+    (colour, pattern, shape) is unique in the pool.
     """
     rng = np.random.default_rng([seed, 11])
     pool, used = [], set()
     pairs = [VISUAL_PAIRS[i] for i in rng.permutation(len(VISUAL_PAIRS))]
+    textured = [p for p in PATTERNS if p != 'plain']
 
-    def add(colour, pattern, dims=None, pair='', toward=None):
-        pool.append(_mug(rng, f'mug{len(pool) + 1:02d}', colour, pattern, dims, pair, toward))
+    def add(colour, pattern, dims=None, pair='', toward=None, cell=None):
+        mug = _mug(rng, f'mug{len(pool) + 1:02d}', colour, pattern, dims, pair, toward)
+        pool.append(mug if cell is None else replace(mug, cell=float(cell)))
         used.add((colour, pattern))
 
     while len(pool) < count:
+        kind = kinds[(len(pool) // 2) % len(kinds)]
         fresh = [c for c in COLOURS if not any((c, p) in used for p in PATTERNS)]
         pattern = str(PATTERNS[rng.integers(len(PATTERNS))])
         look_alikes = [p for p in pairs if all((c, pattern) not in used for c in p)]
         if len(pool) + 1 == count:                                     # odd count: one unpaired mug
             free = [(c, p) for c in COLOURS for p in PATTERNS if (c, p) not in used]
             add(*free[rng.integers(len(free))])
-        elif (len(pool) // 2) % 2 == 0 and fresh:                      # semantic pair
+        elif kind == 'semantic' and fresh:
             colour = fresh[rng.integers(len(fresh))]
             for pattern in rng.choice(PATTERNS, 2, replace=False):
                 add(colour, str(pattern), pair='semantic')
-        elif look_alikes:                                              # visual pair: same shape, pattern
+        elif kind == 'hard' and fresh:
+            colour = fresh[rng.integers(len(fresh))]
+            pattern = str(textured[rng.integers(len(textured))])
+            for dims, cell in zip(_hard_twin_dims(rng), (0.011, 0.021)):
+                add(colour, pattern, dims, 'hard', cell=cell * float(rng.uniform(0.95, 1.05)))
+        elif kind == 'visual' and look_alikes:                         # same shape, pattern, scale
             dims = sample_dims('mug', rng)
-            first, second = look_alikes[0]
-            add(first, pattern, dims, 'visual', toward=second)
-            add(second, pattern, dims, 'visual', toward=first)
+            unused = [p for p in look_alikes if not any(m.colour in p for m in pool)]
+            first, second = (unused or look_alikes)[0]
+            cell = float(rng.uniform(0.012, 0.02))
+            add(first, pattern, dims, 'visual', toward=second, cell=cell)
+            add(second, pattern, dims, 'visual', toward=first, cell=cell)
         else:
             raise ValueError(f'cannot draw {count} distinct personal mugs')
     return pool
@@ -193,6 +226,11 @@ def _framed_rig(rng, objects, support, K, size, elevation, azimuth, tighten=1.0,
 
 def render_alone(mug, seed, size=128):
     """One training view: the mug alone on a table of a random room, from a random viewpoint."""
+    return render_alone_masked(mug, seed, size)[0]
+
+
+def render_alone_masked(mug, seed, size=128):
+    """(RGB, bool mask of the mug) of one training view (the mask is for diagnostics only)."""
     rng = np.random.default_rng([seed, 23])
     K = intrinsics(size, size, FOV_DEG)
     spec = table_spec(seed, K, size)
@@ -201,12 +239,15 @@ def render_alone(mug, seed, size=128):
     rig = _framed_rig(rng, [info], spec.support_height, K, size, np.radians(rng.uniform(20, 55)),
                       np.radians(rng.uniform(-70, 70)), tighten=0.75, near=0.2)
     spec = replace(spec, objects=[info], primitives=prims + spec.primitives, rig=rig)
-    return render(spec, rig_pose(rig), K, size, size).rgb
+    frame = render(spec, rig_pose(rig), K, size, size)
+    return frame.rgb, frame.instances == 1
 
 
-def training_views(mug, count, seed, size=128):
-    """`count` views of a mug alone (5-10 in the benchmark)."""
-    return [render_alone(mug, seed * 1000 + i, size) for i in range(count)]
+def training_views(mug, count, seed, size=128, masks=False):
+    """`count` views of a mug alone (5-10 in the benchmark); with masks, (views, masks)."""
+    rendered = [render_alone_masked(mug, seed * 1000 + i, size) for i in range(count)]
+    views = [rgb for rgb, _ in rendered]
+    return (views, [mask for _, mask in rendered]) if masks else views
 
 
 def class_images(count, seed, size=128, exclude=()):
@@ -250,7 +291,7 @@ def build_scene(mugs, seed, size=128, views=1, others=(1, 3), kind='mixed'):
         prims += parts
     rig = _framed_rig(rng, infos, spec.support_height, K, size, spec.rig.elevation, spec.rig.azimuth)
     spec = replace(spec, objects=infos, primitives=prims + spec.primitives, rig=rig)
-    poses = camera_orbit(spec, views, sweep_deg=25.0) if views > 1 else [rig_pose(rig)]
+    poses = view_poses(rig, views)
     scenes = []
     for view, pose in enumerate(poses):
         frame = render(spec, pose, K, size, size)
@@ -259,6 +300,23 @@ def build_scene(mugs, seed, size=128, views=1, others=(1, 3), kind='mixed'):
         keyed = {m.key: i + 1 for i, m in enumerate(mugs) if i + 1 in ids}
         scenes.append(MugScene(frame.rgb, instances, objects, keyed, int(seed), view, kind))
     return scenes
+
+
+def view_poses(rig, views, sweep_deg=25.0, bob_deg=5.0):
+    """Camera poses of `views` viewpoints spread evenly over an azimuth sweep around the rig.
+
+    (SynthWorld's looping `camera_orbit` gives two identical poses for two views: sin(0) = sin(pi).)
+    """
+    if views <= 1:
+        return [rig_pose(rig)]
+    poses = []
+    for k in range(views):
+        u = 2 * k / (views - 1) - 1                              # -1 .. 1
+        moved = CameraRig(rig.target, rig.distance * (1 + 0.05 * u * u),
+                          float(np.clip(rig.elevation + np.radians(bob_deg) * (1 - 2 * u * u), 0.2, 1.4)),
+                          float(np.clip(rig.azimuth + np.radians(sweep_deg) * u, -1.4, 1.4)), rig.roll)
+        poses.append(rig_pose(moved))
+    return poses
 
 
 def scene_members(pool, rng, kind):
@@ -274,22 +332,24 @@ def scene_members(pool, rng, kind):
     return [chosen[i] for i in rng.permutation(len(chosen))]
 
 
-def make_benchmark(seed=0, mugs=8, scenes=12, views=1, train_views=(5, 10), size=128, class_count=16):
-    """Pool, training views, regularisation images and scenes (kinds cycle semantic, visual, mixed)."""
+def make_benchmark(seed=0, mugs=12, scenes=36, views=2, train_views=(5, 10), size=128, class_count=16):
+    """Pool, training views, regularisation images and scenes (built around pairs: semantic, visual, hard)."""
     rng = np.random.default_rng([seed, 37])
     pool = make_pool(mugs, seed)
     lo, hi = train_views
-    train = {m.key: training_views(m, int(rng.integers(lo, hi + 1)), seed * 100 + i, size)
-             for i, m in enumerate(pool)}
+    train, masks = {}, {}
+    for i, m in enumerate(pool):
+        train[m.key], masks[m.key] = training_views(m, int(rng.integers(lo, hi + 1)), seed * 100 + i, size,
+                                                    masks=True)
     extra, captions = class_images(class_count, seed, size, exclude={(m.colour, m.pattern) for m in pool})
     rendered = []
     for i in range(scenes):
-        kind = ('semantic', 'visual', 'mixed')[i % 3]
+        kind = SCENE_KINDS[i % len(SCENE_KINDS)]
         members = scene_members(pool, rng, kind)
         rendered += build_scene(members, 10_000 * (seed + 1) + i, size, views, kind=kind)
     settings = dict(seed=seed, mugs=mugs, scenes=scenes, views=views, train_views=list(train_views),
                     size=size, class_count=class_count)
-    return Benchmark(pool, train, rendered, extra, captions, settings)
+    return Benchmark(pool, train, rendered, extra, captions, settings, masks)
 
 
 def distractors(mug, scene, pool):
@@ -297,7 +357,7 @@ def distractors(mug, scene, pool):
     by_key = {m.key: m for m in pool}
     others = [by_key[k] for k in scene.mugs if k != mug.key]
     kinds = []
-    if any(o.colour == mug.colour and o.pattern != mug.pattern for o in others):
+    if any(o.colour == mug.colour for o in others):          # same description: 'semantic' (and 'hard')
         kinds.append('semantic')
     if any(o.pattern == mug.pattern and o.colour != mug.colour and _look_alike(o.colour, mug.colour)
            for o in others):

@@ -120,6 +120,31 @@ def run_bench(size=256, repeats=3, methods=('cross', 'stableseg', 't2m'), model_
     return report
 
 
+def run_instance_bench(model_path='', size=(256, 192), repeats=5, dtype='float32', seed=1):
+    """Cost of the fused instance path (issue 18) vs the plain semantic path on the same frames, one run.
+
+    Frames: SynthMug scene views rendered at `size` (w, h); the semantic path is the model's recommended
+    method (its defaults: input size, CRF), asked for 'mug'; the instance path asks for 'mug' and three
+    context queries, without concepts (one forward either way; concept K/V only change weights).
+    """
+    from ..core.instances import InstanceQuery
+    from ..core.personal_fused import FusedPersonalSegmenter
+    from ..synthworld.synthmug import build_scene, make_pool
+    sd = load_sd_components(model_path or '', dtype=dtype)
+    pool = make_pool(4, seed)
+    scene = build_scene(pool, 10_000 * (seed + 1), size=max(size), views=1)[0]
+    rgb = np.ascontiguousarray(scene.rgb[:size[1], :size[0]])
+    semantic = Segmenter(SegmenterConfig(model_path=model_path or '', dtype=dtype), components=sd)
+    fused = FusedPersonalSegmenter(Segmenter(SegmenterConfig(model_path=model_path or '', dtype=dtype,
+                                                             method='t2m'), components=sd, instances=True))
+    queries = [InstanceQuery(f'q{i}', f'{m.colour} mug', 'mug', '') for i, m in enumerate(pool[:3])]
+    runs = {'semantic': segment_with(semantic, rgb, ['mug']),
+            'instance': lambda: fused.segment(rgb, queries)}
+    rows = measure(runs, repeats)
+    return dict(model=sd.path, frame=list(size), dtype=dtype, threads=torch.get_num_threads(), paths=rows,
+                instance_over_semantic=rows['instance']['seconds'] / rows['semantic']['seconds'])
+
+
 def print_report(report):
     print(f"model: {report['model']}  input: {report['size']} px  dtype: {report['dtype']}  "
           f"threads: {report['threads']}")
@@ -135,6 +160,14 @@ def print_report(report):
 
 
 def main(args):
+    if args.instances:
+        report = run_instance_bench(args.model or '', tuple(args.frame), args.repeats, args.dtype)
+        print(json.dumps(report, indent=1))
+        print('target: instance path / semantic path <= 1.3')
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(report, f, indent=1)
+        return 0
     report = run_bench(size=512 if args.large else args.size, repeats=args.repeats, methods=args.methods,
                        model_path=args.model, dtype=args.dtype)
     print_report(report)
@@ -153,4 +186,7 @@ def add_parser(subparsers):
     p.add_argument('--model', default=None, help='a local diffusers folder instead of random SD 1.5 weights')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     p.add_argument('--json', default=None, help='write machine-readable results here')
+    p.add_argument('--instances', action='store_true',
+                   help='fused instance path vs plain semantic path on a SynthMug frame')
+    p.add_argument('--frame', type=int, nargs=2, default=[256, 192], help='--instances frame size: w h')
     p.set_defaults(func=main)
