@@ -369,6 +369,7 @@ def test_concept_cli_learns_and_lists(tiny_model_dir, tmp_path, capsys):
     assert main(['concept', 'learn', '--images', str(shots), '--name', 'my cup', '--class-word', 'cup',
                  '--out', str(out), '--model', tiny_model_dir, '--steps', '2', '--size', '32',
                  '--class-count', '1', '--sample-steps', '1', '--batch', '1']) == 0
-    assert 'learned' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'learned' in printed and 'appearance from' in printed
     assert main(['concept', 'list', '--dir', str(out), '--model', tiny_model_dir]) == 0
     assert '"<new1> cup"' in capsys.readouterr().out

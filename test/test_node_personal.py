@@ -55,9 +55,10 @@ def perturbed(base, name, seed, aliases=(), fingerprint=None):
 
 @pytest.fixture(scope='module')
 def concepts_dir(base, tmp_path_factory):
-    """'my mug' (alias 'mug of mine') plus four folders the node must refuse."""
+    """'my mug' (alias 'mug of mine', its appearance file a pickle) plus four folders the node must refuse."""
     folder = str(tmp_path_factory.mktemp('concepts'))
-    save_concept(perturbed(base, 'my mug', 1, aliases=['mug of mine']), folder)
+    mine = save_concept(perturbed(base, 'my mug', 1, aliases=['mug of mine']), folder)
+    Path(mine, 'appearance.safetensors').write_bytes(b'\x80\x04not a prototype file')   # a pickle header
     save_concept(perturbed(base, 'foreign mug', 2, fingerprint='0123456789abcdef'), folder)
     corrupt = save_concept(perturbed(base, 'corrupt mug', 3), folder)
     Path(corrupt, KV_FILE).write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"broken": ')
@@ -86,7 +87,7 @@ def subscribe_outputs(node):
 
 @pytest.fixture(scope='module')
 def diffseg(module_launcher, concepts_dir):
-    node = module_launcher.start(f'concepts_dir:={concepts_dir}', 'instances.max_segments:=4', *FAST_LEARN)
+    node = module_launcher.start(f'concepts_dir:={concepts_dir}', *FAST_LEARN)
     node.depth_pub = node.client.publisher(Image, node.topic('depth'), BEST_EFFORT)
     node.info_pub = node.client.publisher(CameraInfo, node.topic('camera_info'), BEST_EFFORT)
     inboxes = subscribe_outputs(node)
@@ -147,8 +148,10 @@ def send_rgbd_until(node, first_index, accept, period=1.0):
 def test_refused_concept_files_are_named_and_the_node_serves(diffseg, concepts_dir):
     state = state_of(diffseg)
     assert [c['name'] for c in state['concepts']] == ['my mug']
-    assert state['concepts'][0] == {'name': 'my mug', 'aliases': ['mug of mine'], 'class_word': 'mug',
-                                    'token': '<new1>'}
+    mine = state['concepts'][0]                # loads, scored by attention only: its appearance is refused
+    assert mine.pop('appearance_error').endswith('is a pickle / torch archive, not safetensors; never loaded')
+    assert mine == {'name': 'my mug', 'aliases': ['mug of mine'], 'class_word': 'mug', 'token': '<new1>',
+                    'appearance': False}
     refused = {os.path.basename(r['folder']): r['error'] for r in state['refused_concepts']}
     assert set(refused) == set(REFUSED)
     for folder, fragment in REFUSED.items():
@@ -331,6 +334,12 @@ def test_learn_from_the_synth_camera_then_query_the_concept(launcher, tmp_path):
         jsonschema.validate(data, SCHEMA)
         assert data['header']['frame_id'] == 'camera_optical_frame'
         assert data['queries'][0]['concept'] == 'my mug'
+        # ~/learn stored the concept's appearance; the answer says what each evidence gave
+        assert (concepts / 'my-mug' / 'appearance.safetensors').is_file()
+        assert state['concepts'][0]['appearance'] is True
+        evidence = data['queries'][0]['evidence']
+        assert set(evidence) == {'subject', 'context', 'appearance', 'class'}
+        assert evidence['subject']['raw'] is not None and evidence['appearance']['raw'] is not None
         assert node.process.stop() == 0 and 'Traceback' not in node.process.log, node.process.log
     finally:
         assert camera.stop() == 0, camera.log

@@ -210,13 +210,13 @@ def test_descriptors_carry_ranges_and_read_only():
 
 def test_overrides_are_typed_and_mapped(rclpy_context):
     node = make_node(rclpy_context, cross_layers=[4, 5], background_words=['floor'], method='cross',
-                     qos__image__reliability='reliable', instances__max_segments=3)
+                     qos__image__reliability='reliable', learn__frames=3)
     try:
         settings = declare_settings(node, NodeSettings)
         config = settings.engine.segmenter
         assert config.cross_layers == (4, 5) and config.background_words == ('floor',)
         assert config.method == 'cross' and settings.qos.reliability == 'reliable'
-        assert settings.engine.instances.max_segments == 3
+        assert settings.engine.learn.frames == 3
     finally:
         node.destroy_node()
 

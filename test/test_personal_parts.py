@@ -331,7 +331,7 @@ def test_engine_reload_resolves_names_and_reports_refusals(engine):
         if query.instance_id:
             assert (result.labels == label).any()
     assert engine.concepts() == [{'name': 'my mug', 'aliases': ['mug of mine'], 'class_word': 'mug',
-                                  'token': '<new1>'}]
+                                  'token': '<new1>', 'appearance': False}]   # learned without prototypes
 
 
 def test_engine_aliases_of_one_concept_are_one_query(engine):
@@ -401,8 +401,8 @@ def test_instance_path_runs_t2m_on_frames_at_their_own_size_from_the_training_si
     seg = engine.personal.seg
     instance, papers = seg.settings, Segmenter(replace(config, method='t2m', timestep=-1, cross_layers=()),
                                                components=sd).settings
-    assert (instance.method, instance.timestep, instance.cross_layers) == ('t2m', INSTANCE_TIMESTEP,
-                                                                          papers.cross_layers)
+    expected = ('t2m', INSTANCE_TIMESTEP, papers.cross_layers)
+    assert (instance.method, instance.timestep, instance.cross_layers) == expected
     assert instance.background_words == () and instance.stuff_words == papers.background_words
     assert (instance.image_size, instance.min_image_size) == (512, native)
     assert seg.input_size(native // 2) == native and seg.input_size(300) == 300 and seg.input_size(900) == 512
@@ -443,13 +443,11 @@ def test_personal_and_learn_parameters_map_and_validate(ros_env):
         finally:
             node.destroy_node()
     try:
-        engine = declared(instances__max_segments=3, learn__steps=7, learn__size=32, concepts_dir='/c')
-        assert engine.instances.max_segments == 3 and engine.concepts_dir == '/c'
-        assert engine.learn.training == LearnSettings(steps=7, size=32)
+        engine = declared(learn__steps=7, learn__size=32, concepts_dir='/c')
+        assert engine.concepts_dir == '/c' and engine.learn.training == LearnSettings(steps=7, size=32)
         for overrides, message in ((dict(learn__frames=0), 'learn.frames must be 1..100, got 0'),
                                    (dict(learn__size=4), 'learn.size must be 0 or 8..2048'),
-                                   (dict(instances__min_score=2.0),
-                                    r'instances.min_score must be in \[0, 1\]')):
+                                   (dict(learn__margin=3.0), r'learn.margin must be in \[0, 2\]')):
             with pytest.raises(ParameterError, match=message):
                 declared(**overrides)
     finally:

@@ -57,7 +57,7 @@ def box(mask):
 def query_entry(label, query, instances, points):
     """One query's assignment; box, pixels and centroid describe its instance in the instance image."""
     mask = instances == query.instance_id if query.instance_id else np.zeros(instances.shape, bool)
-    return {
+    entry = {
         'label': label,
         'phrase': query.text,
         'prompt': query.prompt,
@@ -70,6 +70,9 @@ def query_entry(label, query, instances, points):
         'pixels': int(mask.sum()),
         'centroid': centre_point(points, mask) if points is not None and mask.any() else None,
     }
+    if getattr(query, 'evidence', None):       # the instance path's evidence behind the chosen instance
+        entry['evidence'] = query.evidence
+    return entry
 
 
 def build_assignments(stamp, frame_id, mode, queries, instances, depth=None, K=None, depth_note='',

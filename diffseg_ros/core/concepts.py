@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .appearance import save_prototypes
 from .prompts import DEFAULT_BACKGROUND_WORDS
 
 KV_FILE = 'pytorch_custom_diffusion_weights.safetensors'
@@ -80,6 +81,7 @@ class Concept:
     aliases: list = field(default_factory=list)
     training: dict = field(default_factory=dict, repr=False)
     folder: str = ''
+    appearance: object = field(default=None, repr=False)   # appearance.Prototypes saved with it (or None)
 
     @property
     def phrase(self):
@@ -171,7 +173,7 @@ def save_concept(concept, concepts_dir):
 
 
 def write_concept_files(concept, folder):
-    """Write the three files of a concept folder (each flushed to disk)."""
+    """Write the files of a concept folder (each flushed to disk); the prototypes too when it has them."""
     embedding = {concept.token: concept.embedding.detach().float().cpu().contiguous()}
     _save_tensors(embedding, os.path.join(folder, f'{concept.token}.safetensors'))
     _save_tensors(kv_state_dict(concept.kv), os.path.join(folder, KV_FILE))
@@ -181,6 +183,8 @@ def write_concept_files(concept, folder):
         json.dump(meta, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    if concept.appearance is not None:     # the visual memory goes into the same atomic save
+        save_prototypes(concept.appearance, folder)
 
 
 def recover_interrupted_saves(concepts_dir, stale_seconds=3600):

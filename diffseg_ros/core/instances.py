@@ -423,7 +423,7 @@ def resolve_query(library, query):
 
 
 def unique(items):
-    """The items in their order, each once."""
+    """Return the items in their order, each once."""
     out = []
     for item in items:
         if item not in out:

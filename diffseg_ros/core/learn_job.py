@@ -120,6 +120,8 @@ class LearnJob:
         self.frames = frames              # frames to look at
         self.seen = 0
         self.crops = []
+        self.views = []                   # (frame, class-word mask) of every frame a crop came from
+        self.appearance = None            # Prototypes from the views, saved with the concept
         self.state = 'queued'
         self.progress = 0.0
         self.message = f'waiting to look at the next {frames} frames'
@@ -175,6 +177,7 @@ class LearnJob:
             self.seen += 1
             if crop is not None:
                 self.crops.append(crop)
+                self.views.append((rgb, mask))   # whole frames: prototypes see the object at the node's scale
         word = self.request.class_word
         if self.seen < self.frames:
             self._set('collecting', COLLECT_SHARE * self.seen / self.frames,
@@ -221,6 +224,7 @@ def train_job(job, trainer, concepts_dir, token, settings, report=None, cancelle
                             token=token, settings=settings, progress=progress, show_progress=False)
     if cancelled():
         raise LearnCancelled()
+    concept.appearance = job.appearance
     save_concept(concept, concepts_dir)
     job.concept = concept
     return concept
@@ -296,6 +300,7 @@ class LearnFlow:
         try:
             job.add_frame(rgb, engine.class_mask(rgb, job.request.class_word), self.config.margin)
             if job.state == 'training':
+                job.appearance = engine.prototypes(job.views, job.request.class_word)
                 trainer = engine.trainer()   # built between frames; it trains on private copies
                 self.thread = threading.Thread(target=self._train, args=(job, trainer), name='diffseg-learn',
                                                daemon=True)

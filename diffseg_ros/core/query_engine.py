@@ -2,19 +2,22 @@
 
 Query sets of plain text take the semantic path: the configured method, one UNet forward, each query's
 mask doubling as its instance. As soon as a phrase names a concept ("my mug"), the whole set takes the
-instance path (PersonalSegmenter: foreground of the class word, spectral clustering, Hungarian
-assignment; its first forward also serves the plain phrases). Plain queries thus keep their exact
-semantics and cost (method, CRF, mask threshold; no self-attention product or clustering), and planners
-read the same assignments either way. ROS-free; one thread (the node's worker) calls it, except
-`learn`, which any thread may call.
+instance path (FusedPersonalSegmenter, also one forward: class-agnostic proposals, each scored by the
+concept's token, its context words and its stored appearance, calibrated sums, Hungarian assignment; plain
+phrases get T2M masks from the same forward). Plain queries thus keep their exact semantics and cost
+(method, CRF, mask threshold), and planners read the same assignments either way. ROS-free; one thread
+(the node's worker) calls it, except `learn`, which any thread may call.
 """
 from dataclasses import dataclass, field
 import os
 
+import numpy as np
+
 from .assignments import instance_labels, semantic_instances
 from .concepts import ConceptError, ConceptLibrary, normalise_name, safe_folder_name
-from .instances import InstanceQuery, PersonalConfig, PersonalSegmenter
+from .instances import InstanceQuery
 from .learn_job import LearnConfig, LearnFlow
+from .personal_fused import extract_prototypes, FusedPersonalSegmenter, object_mask
 from .segmenter import Segmenter, SegmenterConfig
 from .settings import section, setting, Settings
 
@@ -24,7 +27,6 @@ class EngineConfig(Settings):
     segmenter: SegmenterConfig = section(SegmenterConfig, '')
     concepts_dir: str = setting('', "folder of personal concepts (one subfolder each, `diffseg concept learn "
                                     "--out`); '' = none")
-    instances: PersonalConfig = section(PersonalConfig, 'instances')
     learn: LearnConfig = section(LearnConfig, 'learn')
 
 
@@ -77,7 +79,7 @@ class QueryEngine:
         self.segmenter = Segmenter(config.segmenter)
         self.library = ConceptLibrary(self.segmenter.sd)
         personal_seg = Segmenter(config.segmenter, components=self.segmenter.sd, instances=True)
-        self.personal = PersonalSegmenter(personal_seg, self.library, config.instances)
+        self.personal = FusedPersonalSegmenter(personal_seg, self.library)
         self.learning = LearnFlow(config.learn, config.concepts_dir, on_learn, wake)
         self.phrases = []
         self.state = QueryState([])
@@ -122,6 +124,7 @@ class QueryEngine:
                 self.library.install(previous)
                 raise
             report = ReloadReport(loaded, dict(self.library.errors))
+        self.personal.load_prototypes()            # the concepts' visual memory (None for older folders)
         self.segmenter.clear_text_cache()          # tokens may have changed meaning
         self.set_queries(self.phrases)
         self.reload_report = report
@@ -129,7 +132,10 @@ class QueryEngine:
 
     def concepts(self):
         """Describe the installed concepts for the node's state topic."""
-        return [{'name': c.name, 'aliases': list(c.aliases), 'class_word': c.class_word, 'token': c.token}
+        errors = self.personal.errors
+        return [{'name': c.name, 'aliases': list(c.aliases), 'class_word': c.class_word, 'token': c.token,
+                 'appearance': c.name in self.personal.prototypes,
+                 **({'appearance_error': errors[c.name]} if c.name in errors else {})}
                 for c in self.library.concepts]
 
     def check_new_concept(self, name, aliases=()):
@@ -138,6 +144,13 @@ class QueryEngine:
             other = self.library.find(text)
             if other is not None and safe_folder_name(other.name) != safe_folder_name(name):
                 raise ConceptError(f'{text!r} already names the concept {other.name!r}')
+
+    def prototypes(self, views, class_word):
+        """Appearance prototypes of an object from (frame, mask) views, at the scales the node sees it."""
+        if not views:
+            return None
+        frames, masks = zip(*views)
+        return extract_prototypes(self.personal, list(frames), class_word, list(masks))
 
     def trainer(self):
         """Return a ConceptTrainer on the base model; build it here, between frames, then train elsewhere."""
@@ -217,5 +230,6 @@ class QueryEngine:
         return FrameResult('semantic', queries, result.labels, instances, result.timings)
 
     def class_mask(self, rgb, class_word):
-        """Return the T2M mask [H, W] of a class word alone in a frame (crops for learning)."""
-        return self.personal.seg.segment(rgb, [class_word]).masks[0]
+        """Return the class word's best object proposal [H, W] in a frame (what a learned concept sees)."""
+        mask = object_mask(self.personal, rgb, class_word)
+        return np.zeros(rgb.shape[:2], bool) if mask is None else mask

@@ -10,8 +10,10 @@ import sys
 import cv2
 
 from ..core.concept_learning import LearnSettings, learn_concept
-from ..core.concepts import ConceptError, load_concepts
+from ..core.concepts import ConceptError, load_concepts, next_free_token, save_concept
+from ..core.personal_fused import extract_prototypes, FusedPersonalSegmenter
 from ..core.sd_models import load_sd_components
+from ..core.segmenter import Segmenter, SegmenterConfig
 from ..core.settings import add_arguments, from_arguments
 
 
@@ -38,14 +40,21 @@ def learn_main(args):
     settings = from_arguments(LearnSettings, args)
     sd = load_sd_components(args.model, args.device, args.dtype)
     try:
-        concept = learn_concept(sd, images, args.name, args.class_word, args.out, aliases=args.alias,
-                                class_images=class_images, class_captions=class_captions, settings=settings)
+        concept = learn_concept(sd, images, args.name, args.class_word, None, aliases=args.alias,
+                                class_images=class_images, class_captions=class_captions, settings=settings,
+                                token=next_free_token(args.out, args.name))
+        config = SegmenterConfig(model_path=args.model, device=args.device, dtype=args.dtype)
+        fused = FusedPersonalSegmenter(Segmenter(config, components=sd, instances=True))
+        concept.appearance = extract_prototypes(fused, images, args.class_word)   # the object's own masks
+        save_concept(concept, args.out)
     except ConceptError as err:
         print(f'error: {err}', file=sys.stderr)
         return 2
     t = concept.training
+    views = concept.appearance.info.get('views_used', 0) if concept.appearance else 0
     print(f'learned {concept.name!r} as "{concept.phrase}" from {len(images)} images in {t["seconds"]:.1f} s '
-          f'(loss {t["loss_first"]:.4f} -> {t["loss_last"]:.4f}); saved to {concept.folder}')
+          f'(loss {t["loss_first"]:.4f} -> {t["loss_last"]:.4f}), appearance from {views} views; saved to '
+          f'{concept.folder}')
     return 0
 
 
