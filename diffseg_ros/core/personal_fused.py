@@ -32,7 +32,7 @@ from .instances import describe_segments, InstanceQuery, InstanceResult, QueryRe
 from .methods.common import query_cross_maps
 from .proposals import ProposalConfig, bilinear_cells, objectness, propose, region_means
 
-# Chosen on SynthMug validation draws (seeds 1 and 2), see RESEARCH_18.md.
+# Chosen on SynthMug validation draws (seeds 1 and 2), see docs/RESEARCH_18.md.
 DEFAULT_WEIGHTS = {'subject': 0.10, 'context': 0.81, 'appearance': 1.15, 'class': -0.16, 'subject~': 0.52,
                    'context~': 0.89, 'appearance~': 0.40}       # docs/eval_personal_calibration.json, 'ours'
 DENSE_ROWS_LIMIT = 8_000_000    # pixels x attention keys up to which per-pixel rows are formed densely

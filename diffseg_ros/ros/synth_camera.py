@@ -12,7 +12,8 @@ Per frame, every topic carries the same header (stamp of the frame, frame_id par
                       (instance_id, phrase, category, colour, pattern, visible_pixels, bbox)
 Scenes use seeds seed, seed + 1, ...; the camera makes one smooth orbit loop per scene. With show_only set
 (an object phrase, e.g. 'red mug') the other objects are left out: the view a user gives a robot when
-teaching it one object (`~/learn`).
+teaching it one object (`~/learn`). world 'mugs' shows, instead of SynthWorld's random scenes, a table
+with the user's mug among look-alikes ('red dotted mug', 'red striped mug', 'orange dotted mug').
 """
 from dataclasses import dataclass, replace
 import json
@@ -24,9 +25,11 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header, String
 
-from ..core.geometry import depth_to_points
+from ..core.geometry import depth_to_points, intrinsics
 from ..core.settings import setting
-from ..synthworld import camera_orbit, describe, generate_scene, render, visible_objects
+from ..synthworld import camera_orbit, describe, render, visible_objects
+from ..synthworld.scene import sample_spec
+from ..synthworld.synthmug import look_alike_spec
 from .image_codec import numpy_to_image_msg
 from .params import declare_settings, ParameterError
 from .pointcloud import camera_info_msg, labelled_cloud_msg
@@ -48,6 +51,8 @@ class CameraSettings:
     fov_deg: float = setting(55.0, 'horizontal field of view in degrees', low=10.0, high=150.0)
     rate: float = setting(5.0, 'frames per second', low=0.0, high=100.0, open=('low',))
     loop: bool = setting(True, 'start the sequence again after the last scene')
+    world: str = setting('synthworld', "'synthworld': random household scenes; 'mugs': the user's mug among "
+                                       'look-alikes (the personal demo)', choices=('synthworld', 'mugs'))
     show_only: str = setting('', "phrase of the only object drawn (e.g. 'red mug'): a teaching view; '' = "
                                  'every object')
     frame_id: str = setting('camera_optical_frame', 'frame_id of every header (REP-103 optical frame)',
@@ -78,15 +83,24 @@ def only_object(spec, phrase):
     return replace(spec, objects=kept, primitives=[p for p in spec.primitives if p.instance_id in ids])
 
 
-def frame_sequence(seed, scenes, frames_per_scene, width, height, fov_deg=55.0, show_only=''):
+def world_spec(world, seed, width, height, fov_deg):
+    """(SceneSpec, K) of one scene of the world."""
+    if world == 'mugs':
+        return look_alike_spec(seed, width, height, fov_deg)
+    K = intrinsics(width, height, fov_deg)
+    return sample_spec(seed, K, width, height), K
+
+
+def frame_sequence(seed, scenes, frames_per_scene, width, height, fov_deg=55.0, show_only='',
+                   world='synthworld'):
     """Yield SynthFrame for every orbit frame of every scene, in order (ROS-free, for tests too)."""
     for scene_index in range(scenes):
-        scene = generate_scene(seed + scene_index, width=width, height=height, fov_deg=fov_deg)
-        spec = only_object(scene.spec, show_only) if show_only else scene.spec
-        for frame_index, pose in enumerate(camera_orbit(scene, frames_per_scene)):
-            view = render(spec, pose, scene.K, width, height)
+        full, K = world_spec(world, seed + scene_index, width, height, fov_deg)
+        spec = only_object(full, show_only) if show_only else full
+        for frame_index, pose in enumerate(camera_orbit(full, frames_per_scene)):
+            view = render(spec, pose, K, width, height)
             objects, instances = visible_objects(spec.objects, view.instances)
-            yield SynthFrame(scene_index, frame_index, scene.seed, scene.K, pose, view.rgb, view.depth,
+            yield SynthFrame(scene_index, frame_index, seed + scene_index, K, pose, view.rgb, view.depth,
                              instances, objects, describe(spec, objects))
 
 
@@ -125,7 +139,8 @@ class SynthCamera(Node):
 
     def _sequence(self):
         s = self.settings
-        return frame_sequence(s.seed, s.scenes, s.frames_per_scene, s.width, s.height, s.fov_deg, s.show_only)
+        return frame_sequence(s.seed, s.scenes, s.frames_per_scene, s.width, s.height, s.fov_deg, s.show_only,
+                              s.world)
 
     def _endless_frames(self):
         while True:

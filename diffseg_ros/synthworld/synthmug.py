@@ -155,10 +155,10 @@ def make_pool(count, seed=0, kinds=PAIR_KINDS):
 
 
 # --- world building -----------------------------------------------------------------------------------------
-def table_spec(seed, K, size):
+def table_spec(seed, K, width, height=None):
     """Sample a SynthWorld room with a table (first table setting from `seed` on), objects removed."""
     while True:
-        spec = sample_spec(seed, K, size, size)
+        spec = sample_spec(seed, K, width, height or width)
         if spec.setting == 'table':
             furniture = [p for p in spec.primitives if p.instance_id == 0]
             return replace(spec, objects=[], primitives=furniture)
@@ -270,36 +270,61 @@ def build_scene(mugs, seed, size=128, views=1, others=(1, 3), kind='mixed'):
     rng = np.random.default_rng([seed, 31])
     K = intrinsics(size, size, FOV_DEG)
     spec = table_spec(seed, K, size)
-    limits = table_limits(spec)
     categories = [OTHER_CATEGORIES[i] for i in rng.integers(0, len(OTHER_CATEGORIES), rng.integers(*others))]
     other_dims = [sample_dims(c, rng) for c in categories]
-    footprints = [m.dims['footprint'] for m in mugs] + [d['footprint'] for d in other_dims]
-    for attempt in range(20):
-        positions = _positions(rng, footprints, limits, spread=0.02 * attempt)
-        if positions is not None:
-            break
-    else:
-        raise RuntimeError(f'could not place {len(footprints)} objects on the table of scene {seed}')
-    infos, prims = [], []
-    for i, (mug, xy) in enumerate(zip(mugs, positions)):
-        info, parts = _mug_object(mug, i + 1, (*xy, spec.support_height), rng.uniform(0, 2 * np.pi))
-        infos.append(info)
-        prims += parts
-    for j, (category, dims, xy) in enumerate(zip(categories, other_dims, positions[len(mugs):])):
-        info, parts = _random_object(rng, len(infos) + 1, (*xy, spec.support_height), category, dims)
-        infos.append(info)
-        prims += parts
-    rig = _framed_rig(rng, infos, spec.support_height, K, size, spec.rig.elevation, spec.rig.azimuth)
-    spec = replace(spec, objects=infos, primitives=prims + spec.primitives, rig=rig)
-    poses = view_poses(rig, views)
+    spec = furnish(rng, spec, K, size, mugs, list(zip(categories, other_dims)))
     scenes = []
-    for view, pose in enumerate(poses):
+    for view, pose in enumerate(view_poses(spec.rig, views)):
         frame = render(spec, pose, K, size, size)
-        objects, instances = visible_objects(infos, frame.instances)
+        objects, instances = visible_objects(spec.objects, frame.instances)
         ids = {o.instance_id for o in objects}
         keyed = {m.key: i + 1 for i, m in enumerate(mugs) if i + 1 in ids}
         scenes.append(MugScene(frame.rgb, instances, objects, keyed, int(seed), view, kind))
     return scenes
+
+
+def furnish(rng, spec, K, size, mugs, others):
+    """Put the mugs (ids 1..) and other objects ((category, dims)) on the table, the camera framing them."""
+    footprints = [m.dims['footprint'] for m in mugs] + [dims['footprint'] for _, dims in others]
+    for attempt in range(20):
+        positions = _positions(rng, footprints, table_limits(spec), spread=0.02 * attempt)
+        if positions is not None:
+            break
+    else:
+        raise RuntimeError(f'could not place {len(footprints)} objects on the table of scene {spec.seed}')
+    infos, prims = [], []
+    for mug, xy in zip(mugs, positions):
+        info, parts = _mug_object(mug, len(infos) + 1, (*xy, spec.support_height), rng.uniform(0, 2 * np.pi))
+        infos.append(info)
+        prims += parts
+    for (category, dims), xy in zip(others, positions[len(mugs):]):
+        info, parts = _random_object(rng, len(infos) + 1, (*xy, spec.support_height), category, dims)
+        infos.append(info)
+        prims += parts
+    rig = _framed_rig(rng, infos, spec.support_height, K, size, spec.rig.elevation, spec.rig.azimuth)
+    return replace(spec, objects=infos, primitives=prims + spec.primitives, rig=rig)
+
+
+def look_alike_spec(seed, width, height, fov_deg=FOV_DEG):
+    """Build the demo's table, the user's mug among look-alikes: (spec, K), renderable from any pose.
+
+    Mug 1 (the user's, red dotted), mug 2 of the same colour with another pattern (red striped: the
+    colour word cannot tell them apart), mug 3 a look-alike of a neighbouring colour (orange dotted, same
+    shape, pattern and texture scale, both shades drawn toward each other), and one other object. Mug
+    phrases name the pattern ('red dotted mug') so that each is one object of the scene's truth.
+    """
+    rng = np.random.default_rng([seed, 41])
+    K = intrinsics(width, height, fov_deg)
+    spec = table_spec(seed, K, width, height)
+    shape, cell = sample_dims('mug', rng), float(rng.uniform(0.012, 0.02))
+    mugs = [replace(_mug(rng, 'user', 'red', 'dotted', shape, 'visual', toward='orange'), cell=cell),
+            _mug(rng, 'same colour', 'red', 'striped', pair='semantic'),
+            replace(_mug(rng, 'look-alike', 'orange', 'dotted', shape, 'visual', toward='red'), cell=cell)]
+    category = OTHER_CATEGORIES[rng.integers(len(OTHER_CATEGORIES))]
+    spec = furnish(rng, spec, K, min(width, height), mugs, [(category, sample_dims(category, rng))])
+    named = [replace(o, phrase=f'{o.colour} {o.pattern} mug') if o.category == 'mug' else o
+             for o in spec.objects]
+    return replace(spec, objects=named), K
 
 
 def view_poses(rig, views, sweep_deg=25.0, bob_deg=5.0):

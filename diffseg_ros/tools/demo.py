@@ -3,9 +3,12 @@
 The SynthWorld camera orbits one household scene; the nodes run with the embedded models; this process
 is the planner. With the `diffseg` node it asks for "red mug", then for two objects at once, waits until
 `~/queries` confirms each request and prints the IoU of every answer against the camera's ground truth as
-frames arrive (overlays saved). Then it teaches the node "my mug" from the camera (`~/learn`) while the
-camera shows the red mug alone (the rest of the table cleared, as a user would show a robot their mug),
-asks for "my mug" in the full scene and prints whether the assigned instance is the right one. Last,
+frames arrive (overlays saved). Then the camera moves to a table with the user's mug (red, dotted) among
+look-alikes: a red striped mug (same colour, another pattern) and an orange dotted one (same shape and
+pattern, a neighbouring colour). The planner teaches the node "my mug" from the camera (`~/learn`) while
+it shows the user's mug alone (the rest of the table cleared, as a user would show a robot their mug),
+asks for "my mug" over at least 10 answers from the orbiting camera and prints whether each assigned
+instance is the right one. Last,
 the `ldmseg` node completes a sparse set of labelled 3D points into dense instances, with ids carried
 from frame to frame. The demo ends with a summary. DDS stays on localhost with a private domain id.
 """
@@ -34,6 +37,10 @@ PERSONAL_QUERY = 'my mug'
 # Small Custom Diffusion settings so the demo ends within its 3 minutes on 2 CPU cores.
 LEARN_PARAMETERS = ('learn.frames:=3', 'learn.steps:=80', 'learn.class_count:=4', 'learn.timeout:=60.0')
 DEMO_SEED = 1_000_000_006       # a held-out scene with a red mug among other objects
+MUG_SEED = 7                    # the look-alike table of the personal stage (camera world 'mugs')
+USER_MUG = 'red dotted mug'     # the user's mug in that world, shown alone while learning
+PERSONAL_ANSWERS = 10           # "my mug" answers judged, whatever --frames says
+LABEL_FRAMES = 3                # LDMSeg frames averaged at least (one frame's PQ swings with the viewpoint)
 # What a run must reach to pass (the demo exits 1 otherwise): every query's mean IoU, the share of "my mug"
 # answers that pick the right instance, and the LDMSeg completion's object PQ and id consistency.
 MIN_QUERY_IOU = 0.15
@@ -64,10 +71,11 @@ def start(module, *ros_args, log_dir):
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
 
 
-def start_camera(seed, log_dir, show_only=''):
+def start_camera(seed, log_dir, show_only='', world='synthworld'):
     """Start the SynthWorld camera orbiting one scene; show_only draws that object alone (teaching view)."""
     return start('diffseg_ros.ros.synth_camera', '-p', f'seed:={seed}', '-p', 'scenes:=1', '-p', 'width:=256',
                  '-p', 'height:=192', '-p', 'rate:=4.0', '-p', 'frames_per_scene:=60',
+                 '-p', f'world:={world}',
                  *(['-p', f'show_only:={show_only}'] if show_only else []), log_dir=log_dir)
 
 
@@ -233,7 +241,7 @@ class Planner:
         if self.ask([query], 0, timeout) is not True:
             return []
         self.assignments.clear()
-        verdicts, deadline = [], time.monotonic() + timeout
+        verdicts, deadline = [], time.monotonic() + timeout      # timeout: seconds without an answer
         while len(verdicts) < frames and time.monotonic() < deadline:
             self.spin_for(0.2)
             for answer in list(self.assignments):
@@ -243,6 +251,7 @@ class Planner:
                     continue
                 self.assignments.remove(answer)
                 verdicts.append(self._verdict(answer['queries'][0], instances, truth, truth_phrase))
+                deadline = time.monotonic() + timeout
         return verdicts
 
     @staticmethod
@@ -269,7 +278,7 @@ class Planner:
 
 
 def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=5, method='', timeout=60.0, model='',
-             ldmseg_model=''):
+             ldmseg_model='', mug_seed=MUG_SEED):
     os.makedirs(out_dir, exist_ok=True)
     for old_log in glob.glob(os.path.join(out_dir, '*.log')):
         os.remove(old_log)
@@ -299,14 +308,15 @@ def run_demo(out_dir='out/demo', seed=DEMO_SEED, frames=5, method='', timeout=60
             for query, values in planner.ask(queries, frames, timeout).items():
                 results[f'{query} (request {number})'] = values
         stop(camera)
-        camera = start_camera(scene.seed, out_dir, show_only=FIRST_QUERY)
+        print(f'\ncamera: a table with the user\'s {USER_MUG} among look-alikes (seed {mug_seed})')
+        camera = start_camera(mug_seed, out_dir, show_only=USER_MUG, world='mugs')
         learned = planner.learn(LEARN_REQUEST, timeout)
         stop(camera)
-        camera = start_camera(scene.seed, out_dir)
+        camera = start_camera(mug_seed, out_dir, world='mugs')
         if learned:
-            personal = planner.ask_personal(PERSONAL_QUERY, FIRST_QUERY, frames, timeout)
+            personal = planner.ask_personal(PERSONAL_QUERY, USER_MUG, max(frames, PERSONAL_ANSWERS), timeout)
         stop(node)
-        labels = run_label_completion(planner, out_dir, frames, timeout, ldmseg_model)
+        labels = run_label_completion(planner, out_dir, max(frames, LABEL_FRAMES), timeout, ldmseg_model)
     finally:
         planner.node.destroy_node()
         rclpy.try_shutdown()
@@ -347,7 +357,7 @@ def summarise(results, personal, labels, method, saved, out_dir):
     right = sum(bool(v) for v in personal)
     print(f'  {PERSONAL_QUERY!r} learned from the camera: right instance in {right} of {len(personal)} '
           'answers')
-    if not personal or right < MIN_RIGHT_SHARE * len(personal):
+    if len(personal) < PERSONAL_ANSWERS or right < MIN_RIGHT_SHARE * len(personal):
         short.append(f'{PERSONAL_QUERY!r}: right in {right} of {len(personal)} answers '
                      f'(at least {MIN_RIGHT_SHARE:.0%} needed)')
     if labels:
@@ -369,14 +379,16 @@ def summarise(results, personal, labels, method, saved, out_dir):
 
 def main(args):
     return run_demo(args.out, args.seed, args.frames, args.method, args.timeout, args.model,
-                    args.ldmseg_model)
+                    args.ldmseg_model, args.mug_seed)
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser('demo', help='camera + node + planner over DDS with the embedded model')
     p.add_argument('--out', default='out/demo', help='folder for overlays and process logs')
     p.add_argument('--seed', type=int, default=DEMO_SEED, help='first scene seed to search for a red mug')
-    p.add_argument('--frames', type=int, default=5, help='answers scored per query set')
+    p.add_argument('--mug-seed', type=int, default=MUG_SEED, help="seed of the look-alike mug table")
+    p.add_argument('--frames', type=int, default=5,
+                   help=f'answers scored per query set (at least {PERSONAL_ANSWERS} for "my mug")')
     p.add_argument('--method', default='', choices=['', 't2m', 'stableseg', 'cross'],
                    help="method of the plain queries; '' = the node's default, the model's recommendation "
                         "(personal queries always use t2m)")
