@@ -19,9 +19,9 @@ import time
 import numpy as np
 import torch
 from scipy import linalg, ndimage
-from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 
+from .fusion import assign
 from .images import check_rgb
 from .masks import bbox, iou
 from .settings import setting, Settings
@@ -131,25 +131,6 @@ def segment_means(maps, grid, ids):
     onehot = (grid[None] == np.asarray(ids)[:, None, None]).astype(np.float64)
     sums = np.einsum('qhw,shw->qs', np.asarray(maps, np.float64), onehot)
     return sums / np.maximum(onehot.sum((1, 2)), 1)
-
-
-def assign(scores, min_score=-np.inf):
-    """Scores [queries, segments] -> (alone, joint) column indices per query (-1 = none).
-
-    alone: each query's best segment on its own; joint: Hungarian assignment maximising the total score
-    (a segment holds at most one query), dropping pairs scoring below min_score.
-    """
-    scores = np.asarray(scores, float)
-    alone = np.full(len(scores), -1)
-    joint = np.full(len(scores), -1)
-    if scores.size == 0:
-        return alone, joint
-    alone[:] = scores.argmax(1)
-    rows, cols = linear_sum_assignment(scores, maximize=True)
-    for r, c in zip(rows, cols):
-        if scores[r, c] >= min_score:
-            joint[r] = c
-    return alone, joint
 
 
 def without_class_word(span, input_ids, class_ids):
@@ -378,16 +359,9 @@ class PersonalSegmenter:
         for prompt in plain:
             channel = first['channel'].get(prompt)
             mask = first['labels_full'] == channel if channel else np.zeros(instances.shape, bool)
-            if not mask.any():
-                continue
-            instance_id = len(segments) + 1
-            instances[mask & (instances == 0)] = instance_id
-            segments.append(dict(instance_id=instance_id, class_word=''))
-            for q, r in zip(queries, results):
-                if not q.class_word and q.prompt == prompt:
-                    r.instance_id = r.alone_instance_id = instance_id
-                    r.score = r.alone_score = float(first['scores'][channel][_grid_mask(mask, first)].mean())
-                    r.bbox, r.pixels = bbox(mask), int(mask.sum())
+            for r in add_plain_instance(mask, prompt, queries, results, instances, segments):
+                r.score = r.alone_score = float(first['scores'][channel][_grid_mask(mask, first)].mean())
+                r.bbox, r.pixels = bbox(mask), int(mask.sum())
 
 
 def _grid_mask(mask, first):
@@ -429,3 +403,19 @@ def unique(items):
         if item not in out:
             out.append(item)
     return out
+
+
+def add_plain_instance(mask, prompt, queries, results, instances, segments):
+    """Make a plain (concept-free) query's mask an instance of its own, claiming pixels no segment holds.
+
+    Returns the results of the queries with that prompt (assigned the new instance); none for an empty mask.
+    """
+    if not mask.any():
+        return []
+    instance_id = len(segments) + 1
+    instances[mask & (instances == 0)] = instance_id
+    segments.append(dict(instance_id=instance_id, class_word=''))
+    hits = [r for q, r in zip(queries, results) if not q.class_word and q.prompt == prompt]
+    for r in hits:
+        r.instance_id = r.alone_instance_id = instance_id
+    return hits

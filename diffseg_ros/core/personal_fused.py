@@ -28,7 +28,8 @@ from .appearance import (FEATURE_LAYERS, PROTOTYPE_SCALES, AppearanceError, Feat
                          feature_map, grid_weights, load_prototypes, pool, rescale_view)
 from .fusion import EVIDENCES, Calibration, assign, fuse, standardise_all
 from .images import check_rgb
-from .instances import describe_segments, InstanceQuery, InstanceResult, QueryResult, resolve_query, unique
+from .instances import (add_plain_instance, describe_segments, InstanceQuery, InstanceResult, QueryResult,
+                        resolve_query, unique)
 from .methods.common import query_cross_maps
 from .proposals import ProposalConfig, bilinear_cells, objectness, propose, region_means
 
@@ -296,15 +297,7 @@ class FusedPersonalSegmenter:
             return
         labels = self.seg.to_image(self.seg.scores(frame, spans), frame).argmax(0).numpy()
         for k, prompt in enumerate(kept):
-            mask = labels == k + 1
-            if not mask.any():
-                continue
-            instance_id = len(segments) + 1
-            instances[mask & (instances == 0)] = instance_id
-            segments.append(dict(instance_id=instance_id, class_word=''))
-            for q, r in zip(queries, results):
-                if not q.class_word and q.prompt == prompt:
-                    r.instance_id = r.alone_instance_id = instance_id
+            add_plain_instance(labels == k + 1, prompt, queries, results, instances, segments)
 
 
 # --- prototypes while learning ----------------------------------------------------------------------
