@@ -79,7 +79,20 @@ def test_repeat_filter_lets_each_line_through_once_per_period():
     repeats = RepeatFilter(period=5.0, clock=lambda: now[0])
     assert repeats.allow('a') and not repeats.allow('a') and repeats.allow('b')
     now[0] += 5.0
-    assert repeats.allow('a')
+    assert repeats.allow('a') == 'a (+1 more like it in the last 5 s)'
+
+
+def test_repeat_filter_counts_a_kind_and_says_how_many_were_held_back():
+    now = [100.0]
+    repeats = RepeatFilter(period=5.0, clock=lambda: now[0])
+    lines = [repeats.allow(f"bad image on /image: unsupported image encoding 'x{i}' ({i} bytes)")
+             for i in range(1000)]
+    assert lines[0] and not any(lines[1:])   # one kind: numbers and quoted values differ
+    assert repeats.allow('query refused: too long')   # another kind is not held back
+    now[0] += 6.0
+    line = repeats.allow("bad image on /image: unsupported image encoding 'y' (7 bytes)")
+    assert line == ("bad image on /image: unsupported image encoding 'y' (7 bytes) "
+                    '(+999 more like it in the last 6 s)')
 
 
 # --- diagnostics --------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 
 from ..core.frames import Camera, StampBuffer
-from .image_codec import to_depth_metres
+from .image_codec import DEFAULT_MAX_DEPTH, to_depth_metres
 
 
 def stamp_ns(stamp):
@@ -48,7 +48,7 @@ class DepthCache:
         msg, offset = self._depth.nearest(stamp_ns(header.stamp))
         return msg if msg is not None and offset <= tolerance else None
 
-    def lookup(self, header, tolerance, shape, matched=None):
+    def lookup(self, header, tolerance, shape, matched=None, max_depth=DEFAULT_MAX_DEPTH):
         """Depth (metres, aligned with an image of this shape) and K for an image header.
 
         matched: the depth message `match` found when the image arrived (else the buffer is searched now).
@@ -69,7 +69,7 @@ class DepthCache:
                                     f'{info.height} not aligned with the {shape[1]}x{shape[0]} image')
         try:
             camera = read_camera_info(info)
-            depth = to_depth_metres(msg)   # REP-118: 32FC1 metres, 16UC1 millimetres
+            depth = to_depth_metres(msg, max_depth)   # REP-118: 32FC1 metres, 16UC1 millimetres
         except ValueError as err:
             return None, None, '', str(err)
         return depth, camera.K, msg.header.frame_id, ''

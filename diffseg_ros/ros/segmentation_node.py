@@ -15,7 +15,7 @@ from diagnostic_msgs.msg import DiagnosticStatus
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import MultiThreadedExecutor
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
@@ -26,13 +26,14 @@ from ..core.model_folder import ModelLoadError
 from ..core.query_engine import EngineConfig, QueryEngine
 from ..core.settings import section, setting
 from .depth import DepthCache
-from .image_codec import numpy_to_image_msg
+from .image_codec import DEFAULT_MAX_DEPTH, numpy_to_image_msg
 from .markers import marker_array, MarkerTracker
 from .overlay import draw_overlay
 from .params import ParameterError
 from .queries import parse_query, QueryError
 from .runner import EXIT_BAD_ARGUMENTS, run_node
-from .worker_node import OUTPUT_QOS, QosSettings, STATE_QOS, subscription_qos, WorkerNode
+from .worker_node import (image_transport_setting, OUTPUT_QOS, QosSettings, STATE_QOS, subscription_qos,
+                          WorkerNode)
 
 NODE_NAME = 'diffseg'
 IMAGE_TOPIC, QUERY_TOPIC = 'image', 'query'   # relative: remap or namespace them
@@ -40,18 +41,26 @@ DEPTH_TOPIC, CAMERA_INFO_TOPIC = 'depth', 'camera_info'
 RELOAD_TIMEOUT = 300.0   # s a ~/reload_concepts call waits for the worker (a frame in progress, then loading)
 EXIT_BAD_PARAMETER = EXIT_BAD_ARGUMENTS
 EXIT_MODEL_ERROR = 3
-QUERY_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+# Transient-local + reliable matches latched publishers (a query sent once before the node came up is still
+# delivered) and volatile ones (`ros2 topic pub --once`); the newest query wins either way.
+QUERY_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
+                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# Volatile: a learn request trains a concept, so a latched one must not start again at every node start.
+LEARN_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 
 @dataclass
 class NodeSettings:
     engine: EngineConfig = section(EngineConfig, '')
     qos: QosSettings = section(QosSettings, 'qos.image')
+    image_transport: str = image_transport_setting()
     overlay_alpha: float = setting(0.5, 'opacity of the mask colours in ~/overlay', low=0.0, high=1.0,
                                    runtime=True)
     diagnostics_period: float = setting(1.0, 'seconds between /diagnostics reports', low=0.05, high=3600.0)
     depth_tolerance: float = setting(0.05, 'largest stamp difference (s) between an image and the depth '
                                            'frame used for its 3D centroids', low=0.0, high=10.0)
+    max_depth: float = setting(DEFAULT_MAX_DEPTH, 'depth beyond this (m) counts as invalid (no return), '
+                                                  'like 0, NaN and inf', low=0.01, high=10000.0)
     marker_lifetime: float = setting(0.0, 'lifetime (s) of ~/markers; 0 = twice the measured result period',
                                      low=0.0, high=3600.0, runtime=True)
 
@@ -114,12 +123,12 @@ class SegmentationNode(WorkerNode):
         self.markers_pub = self.create_publisher(MarkerArray, '~/markers', OUTPUT_QOS)
         self.learn_status_pub = self.create_publisher(String, '~/learn_status', STATE_QOS)
         sensor_qos = subscription_qos(self.settings.qos)
-        self.image_sub = self.create_subscription(Image, IMAGE_TOPIC, self._on_image, sensor_qos)
+        self.image_sub = self.subscribe_image(IMAGE_TOPIC, self._on_image, sensor_qos)
         self.depth_sub = self.create_subscription(Image, DEPTH_TOPIC, self.depth.add_depth, sensor_qos)
         self.info_sub = self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self.depth.set_info,
                                                  sensor_qos)
         self.query_sub = self.create_subscription(String, QUERY_TOPIC, self._on_query, QUERY_QOS)
-        self.learn_sub = self.create_subscription(String, '~/learn', self._on_learn, QUERY_QOS)
+        self.learn_sub = self.create_subscription(String, '~/learn', self._on_learn, LEARN_QOS)
         # Its own group: the call waits for the worker while the other callbacks go on (multi-threaded spin).
         self.reload_srv = self.create_service(Trigger, '~/reload_concepts', self._on_reload,
                                               callback_group=MutuallyExclusiveCallbackGroup())
@@ -244,7 +253,8 @@ class SegmentationNode(WorkerNode):
             self.overlay_pub.publish(numpy_to_image_msg(overlay, 'rgb8', header))
         self.instances_pub.publish(numpy_to_image_msg(result.instances, 'mono16', header))
         depth, K, depth_frame, note = self.depth.lookup(header, self.settings.depth_tolerance,
-                                                        frame.rgb.shape[:2], frame.depth)
+                                                        frame.rgb.shape[:2], frame.depth,
+                                                        self.settings.max_depth)
         assignments = build_assignments((header.stamp.sec, header.stamp.nanosec), header.frame_id,
                                         result.mode, result.queries, result.instances, depth, K, note,
                                         depth_frame)
@@ -292,8 +302,7 @@ class SegmentationNode(WorkerNode):
 
     def _query_error(self, text):
         self.stats.query_failed(text)
-        if self.repeats.allow(text):
-            self.get_logger().error(text)
+        self.log_error(text)
 
 
 def diagnostic_status(stats):
