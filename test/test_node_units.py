@@ -262,3 +262,12 @@ def test_runtime_update_validates_like_start():
     assert settings.engine.segmenter.box_threshold != 0.3 and updated.engine.learn == settings.engine.learn
     with pytest.raises(ParameterError, match='tau must be in'):
         changed_settings(settings, [Parameter('tau', value=0.0)])
+
+
+# --- query subscriptions ------------------------------------------------------------------------------------
+def test_a_query_sample_delivered_by_both_subscriptions_is_taken_once():
+    from diffseg_ros.ros.queries import SampleFilter
+    samples = SampleFilter()
+    info = {'publisher_gid': {'data': b'\x01' * 16}, 'publication_sequence_number': 3, 'source_timestamp': 5}
+    assert samples.first_time(info) and not samples.first_time(dict(info))
+    assert samples.first_time(dict(info, publication_sequence_number=4))

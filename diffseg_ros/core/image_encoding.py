@@ -136,7 +136,7 @@ def image_fields(array, encoding):
             'step': width * channels * dtype.itemsize, 'data': np.ascontiguousarray(array).view(np.uint8)}
 
 
-# --- compressed images (image_transport's `compressed` topics) ------------------------------------------------
+# --- compressed images (image_transport's `compressed` topics) -------------------------------------
 MAX_COMPRESSED_BYTES = 64 * 1024 * 1024
 COMPRESSED_FORMATS = {'jpeg': '.jpg', 'png': '.png'}
 

@@ -6,6 +6,7 @@ message size and number of phrases are bounded before anything reaches the text 
 Phrase length and the 77-token CLIP limit are the engine's business (Segmenter.set_queries reports
 what it cut).
 """
+from collections import deque
 from dataclasses import dataclass, field
 import unicodedata
 
@@ -55,3 +56,19 @@ def parse_query(text):
     if result.dropped:
         result.warnings.append(f'more than {MAX_QUERIES} queries; dropped: ' + ', '.join(result.dropped))
     return result
+
+
+class SampleFilter:
+    """Tell a sample seen for the first time from a repeat by a second subscription."""
+
+    def __init__(self, keep=64):
+        self._seen = deque(maxlen=keep)
+
+    def first_time(self, info):
+        """Return True the first time a sample (rclpy MessageInfo) is seen."""
+        key = (repr(info.get('publisher_gid')), info.get('publication_sequence_number'),
+               info['source_timestamp'])
+        if key in self._seen:
+            return False
+        self._seen.append(key)
+        return True

@@ -14,6 +14,7 @@ import time
 from diagnostic_msgs.msg import DiagnosticStatus
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import MultiThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
@@ -30,7 +31,7 @@ from .image_codec import DEFAULT_MAX_DEPTH, numpy_to_image_msg
 from .markers import marker_array, MarkerTracker
 from .overlay import draw_overlay
 from .params import ParameterError
-from .queries import parse_query, QueryError
+from .queries import parse_query, QueryError, SampleFilter
 from .runner import EXIT_BAD_ARGUMENTS, run_node
 from .worker_node import (image_transport_setting, OUTPUT_QOS, QosSettings, STATE_QOS, subscription_qos,
                           WorkerNode)
@@ -41,10 +42,12 @@ DEPTH_TOPIC, CAMERA_INFO_TOPIC = 'depth', 'camera_info'
 RELOAD_TIMEOUT = 300.0   # s a ~/reload_concepts call waits for the worker (a frame in progress, then loading)
 EXIT_BAD_PARAMETER = EXIT_BAD_ARGUMENTS
 EXIT_MODEL_ERROR = 3
-# Transient-local + reliable matches latched publishers (a query sent once before the node came up is still
-# delivered) and volatile ones (`ros2 topic pub --once`); the newest query wins either way.
-QUERY_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
-                       durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# A transient-local subscription gets what latched publishers sent before the node came up, but DDS does
+# not match it with volatile publishers (`ros2 topic pub --once`, most planners): the node has both, and
+# takes a sample both deliver once.
+QUERY_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+LATCHED_QUERY_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                               durability=DurabilityPolicy.TRANSIENT_LOCAL)
 # Volatile: a learn request trains a concept, so a latched one must not start again at every node start.
 LEARN_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
@@ -106,6 +109,7 @@ class SegmentationNode(WorkerNode):
         self.markers = MarkerTracker(self.settings.marker_lifetime)
         self.query_set = False      # a non-empty query was received (checked by the image callback)
         self.parsed = parse_query('')
+        self.query_samples = SampleFilter()
         self._concepts_loaded(self.engine.reload())
         self._create_interfaces()
         self.start()
@@ -128,6 +132,10 @@ class SegmentationNode(WorkerNode):
         self.info_sub = self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self.depth.set_info,
                                                  sensor_qos)
         self.query_sub = self.create_subscription(String, QUERY_TOPIC, self._on_query, QUERY_QOS)
+        # Volatile publishers do not match it; that is expected, not worth the default warning.
+        self.latched_query_sub = self.create_subscription(
+            String, QUERY_TOPIC, self._on_query, LATCHED_QUERY_QOS,
+            event_callbacks=SubscriptionEventCallbacks(incompatible_qos=lambda event: None))
         self.learn_sub = self.create_subscription(String, '~/learn', self._on_learn, LEARN_QOS)
         # Its own group: the call waits for the worker while the other callbacks go on (multi-threaded spin).
         self.reload_srv = self.create_service(Trigger, '~/reload_concepts', self._on_reload,
@@ -148,7 +156,9 @@ class SegmentationNode(WorkerNode):
             return
         self.hand_over(Frame(msg.header, rgb, self.depth.match(msg.header, self.settings.depth_tolerance)))
 
-    def _on_query(self, msg):
+    def _on_query(self, msg, info):
+        if not self.query_samples.first_time(info):   # the other query subscription had it
+            return
         try:
             parsed = parse_query(msg.data)
         except QueryError as err:

@@ -1,0 +1,59 @@
+"""Inputs robots send, over real DDS: compressed images (JPEG, PNG, corrupt), a query latched before start."""
+import json
+
+from sensor_msgs.msg import CompressedImage
+from std_msgs.msg import String
+
+from diffseg_ros.ros.image_codec import compressed_image_msg, image_msg_to_numpy
+from ros_harness import LATCHED, make_header, pattern_image, wait_until
+
+
+def send_compressed_until_answered(node, kind, first_index):
+    """Publish compressed frames until ~/semantic answers one; return (answer, {stamp sec: header sent})."""
+    sent, index = {}, [first_index]
+
+    def next_frame():
+        header = make_header(index[0])
+        index[0] += 1
+        sent[header.stamp.sec] = header
+        return compressed_image_msg(pattern_image(64, 48, seed=index[0]), kind, header)
+    inbox = node.outputs['semantic']
+    start = inbox.count()
+    answer = node.publish_until(node.image_pub, next_frame, lambda: inbox.wait_for(
+        lambda m: m.header.stamp.sec in sent, timeout=0.1, start=start), period=0.5)
+    return answer, sent
+
+
+def test_compressed_jpeg_and_png_are_segmented_and_corrupt_data_refused(launcher):
+    node = launcher.start(transport='compressed')
+    assert node.image_pub.topic_name == f'{node.namespace}/image/compressed'
+    assert node.send_query('red mug; blue bottle', expect=['red mug', 'blue bottle']) is not None
+    for kind, first in (('jpeg', 100), ('png', 200)):
+        answer, sent = send_compressed_until_answered(node, kind, first)
+        assert answer is not None, f'no answer to {kind} frames; log:\n{node.process.log}'
+        assert answer.header == sent[answer.header.stamp.sec]
+        assert image_msg_to_numpy(answer).shape == (48, 64)
+    jpeg = compressed_image_msg(pattern_image(64, 48), 'jpeg', make_header(300))
+    corrupt = CompressedImage(header=make_header(301), format='jpeg', data=bytes(jpeg.data)[:40])
+    before = int(node.wait_diagnostics(lambda v: True)['frames rejected'])
+    assert node.publish_until(node.image_pub, lambda: corrupt, lambda: node.process.wait_for_log(
+        r'\[ERROR\].*bad image on /t\d+/image/compressed: corrupt JPEG data \(40 bytes\)', timeout=1.0))
+    assert node.wait_diagnostics(lambda v: int(v['frames rejected']) > before) is not None
+    garbage = CompressedImage(header=make_header(302), format='jpeg', data=b'not an image at all')
+    assert node.publish_until(node.image_pub, lambda: garbage, lambda: node.process.wait_for_log(
+        r'\[ERROR\].*compressed image is neither JPEG nor PNG', timeout=1.0))
+    answer, _ = send_compressed_until_answered(node, 'png', 400)
+    assert answer is not None and node.process.running, 'node did not keep serving after corrupt data'
+
+
+def test_query_latched_before_the_node_starts_reaches_it(launcher, ros_client):
+    namespace = '/latched_before_start'
+    publisher = ros_client.publisher(String, f'{namespace}/query', LATCHED)
+    publisher.publish(String(data='red mug'))
+    node = launcher.start(namespace=namespace)
+    state = node.state.wait_for(lambda m: json.loads(m.data)['queries'])
+    assert state is not None, f'the latched query never reached the node; log:\n{node.process.log}'
+    assert [q['text'] for q in json.loads(state.data)['queries']] == ['red mug']
+    # A volatile publisher (`ros2 topic pub --once`) still matches the transient-local subscription.
+    assert node.send_query('blue bottle', expect=['blue bottle']) is not None
+    assert wait_until(lambda: publisher.get_subscription_count() >= 1)
