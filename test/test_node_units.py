@@ -13,7 +13,7 @@ from diffseg_ros.core.segmenter import SegmenterConfig
 from diffseg_ros.core.settings import items
 from diffseg_ros.ros.diagnostics import build_diagnostics, NodeStats, RepeatFilter
 from diffseg_ros.ros.mailbox import Mailbox
-from diffseg_ros.ros.overlay import draw_overlay, label_colour
+from diffseg_ros.core.overlay import draw_overlay, label_colour
 from diffseg_ros.ros.params import changed_settings, declare_settings, descriptor, ParameterError
 from diffseg_ros.ros.queries import MAX_QUERIES, MAX_QUERY_BYTES, parse_query, QueryError
 from diffseg_ros.ros.segmentation_node import diagnostic_status, NodeSettings, state_values
@@ -258,7 +258,7 @@ def test_runtime_update_validates_like_start():
     changes = [Parameter('box_threshold', value=0.3), Parameter('overlay_alpha', value=0.1),
                Parameter('use_sim_time', value=False)]
     updated = changed_settings(settings, changes)
-    assert updated.engine.segmenter.box_threshold == 0.3 and updated.overlay_alpha == 0.1
+    assert updated.engine.segmenter.box_threshold == 0.3 and updated.output.overlay_alpha == 0.1
     assert settings.engine.segmenter.box_threshold != 0.3 and updated.engine.learn == settings.engine.learn
     with pytest.raises(ParameterError, match='tau must be in'):
         changed_settings(settings, [Parameter('tau', value=0.0)])

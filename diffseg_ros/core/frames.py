@@ -33,6 +33,31 @@ class SensorFrame:
     source: object = None
 
 
+FOCAL_RANGE_PX = (1.0, 1e7)   # a focal length outside it is a broken calibration, not a lens
+
+
+def read_camera_info(info):
+    """Return the Camera of a CameraInfo message (rclpy or rosbags), or raise ValueError for an unusable one.
+
+    K must be finite with focal lengths in FOCAL_RANGE_PX (fx = 1e-30 would put points 1e31 m away).
+    """
+    K = np.array(info.k, dtype=float).reshape(3, 3)
+    low, high = FOCAL_RANGE_PX
+    focal_ok = all(low <= f <= high for f in (K[0, 0], K[1, 1]))
+    if not (np.isfinite(K).all() and focal_ok) or info.width * info.height == 0:
+        raise ValueError(f'camera_info has no usable intrinsics (an uncalibrated camera?): '
+                         f'K = {np.round(K, 3).tolist()} (focal lengths must be {low:g}..{high:g} px), '
+                         f'{info.width}x{info.height}')
+    return Camera(K, info.width, info.height)
+
+
+def check_stamp(sec, nanosec):
+    """Raise ValueError unless (sec, nanosec) is a valid builtin_interfaces/Time (nanosec < 1e9, sec >= 0)."""
+    if not (0 <= sec < 2**31 and 0 <= nanosec < NS):
+        raise ValueError(f'invalid stamp sec={sec} nanosec={nanosec} (nanosec must be 0..999999999, sec >= 0)')
+    return sec * NS + nanosec
+
+
 class StampBuffer:
     """The last `keep` items of a stream by stamp; thread-safe (callbacks add, the worker looks up)."""
 

@@ -23,13 +23,13 @@ from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from ..core.assignments import build_assignments
+from ..core.frame_outputs import output_images, OutputSettings
 from ..core.model_folder import ModelLoadError
 from ..core.query_engine import EngineConfig, QueryEngine
 from ..core.settings import section, setting
 from .depth import DepthCache
-from .image_codec import DEFAULT_MAX_DEPTH, numpy_to_image_msg
+from .image_codec import numpy_to_image_msg
 from .markers import marker_array, MarkerTracker
-from .overlay import draw_overlay
 from .params import ParameterError
 from .queries import parse_query, QueryError, SampleFilter
 from .runner import EXIT_BAD_ARGUMENTS, run_node
@@ -57,13 +57,8 @@ class NodeSettings:
     engine: EngineConfig = section(EngineConfig, '')
     qos: QosSettings = section(QosSettings, 'qos.image')
     image_transport: str = image_transport_setting()
-    overlay_alpha: float = setting(0.5, 'opacity of the mask colours in ~/overlay', low=0.0, high=1.0,
-                                   runtime=True)
+    output: OutputSettings = section(OutputSettings, '')   # shared with `diffseg bag`
     diagnostics_period: float = setting(1.0, 'seconds between /diagnostics reports', low=0.05, high=3600.0)
-    depth_tolerance: float = setting(0.05, 'largest stamp difference (s) between an image and the depth '
-                                           'frame used for its 3D centroids', low=0.0, high=10.0)
-    max_depth: float = setting(DEFAULT_MAX_DEPTH, 'depth beyond this (m) counts as invalid (no return), '
-                                                  'like 0, NaN and inf', low=0.01, high=10000.0)
     marker_lifetime: float = setting(0.0, 'lifetime (s) of ~/markers; 0 = twice the measured result period',
                                      low=0.0, high=3600.0, runtime=True)
 
@@ -154,7 +149,8 @@ class SegmentationNode(WorkerNode):
         if not self.query_set and not self.engine.learning.collecting:
             self.stats.count('waiting')
             return
-        self.hand_over(Frame(msg.header, rgb, self.depth.match(msg.header, self.settings.depth_tolerance)))
+        depth = self.depth.match(msg.header, self.settings.output.depth_tolerance)
+        self.hand_over(Frame(msg.header, rgb, depth))
 
     def _on_query(self, msg, info):
         if not self.query_samples.first_time(info):   # the other query subscription had it
@@ -253,18 +249,15 @@ class SegmentationNode(WorkerNode):
 
     # --- publishing -------------------------------------------------------------------------------------
     def _publish_result(self, frame, result, latency):
-        header = frame.header
-        labels = result.labels
-        self.semantic_pub.publish(numpy_to_image_msg(labels, 'mono8', header))
-        self.mask_pub.publish(numpy_to_image_msg((labels == 1).astype(np.uint8) * 255, 'mono8', header))
-        if self.overlay_pub.get_subscription_count():   # drawing costs more than it is worth unseen
-            names = [q.text for q in result.queries]
-            overlay = draw_overlay(frame.rgb, labels, names, self.settings.overlay_alpha)
-            self.overlay_pub.publish(numpy_to_image_msg(overlay, 'rgb8', header))
-        self.instances_pub.publish(numpy_to_image_msg(result.instances, 'mono16', header))
-        depth, K, depth_frame, note = self.depth.lookup(header, self.settings.depth_tolerance,
-                                                        frame.rgb.shape[:2], frame.depth,
-                                                        self.settings.max_depth)
+        header, output = frame.header, self.settings.output
+        publishers = {'semantic': self.semantic_pub, 'mask': self.mask_pub, 'overlay': self.overlay_pub,
+                      'instances': self.instances_pub}
+        images = output_images(frame.rgb, result, output.overlay_alpha,
+                               overlay=self.overlay_pub.get_subscription_count() > 0)
+        for name, (array, encoding) in images.items():
+            publishers[name].publish(numpy_to_image_msg(array, encoding, header))
+        depth, K, depth_frame, note = self.depth.lookup(header, output.depth_tolerance, frame.rgb.shape[:2],
+                                                        frame.depth, output.max_depth)
         assignments = build_assignments((header.stamp.sec, header.stamp.nanosec), header.frame_id,
                                         result.mode, result.queries, result.instances, depth, K, note,
                                         depth_frame)
