@@ -43,7 +43,8 @@ def depth_for_image(depth_msg, info_msg, shape, max_depth=DEFAULT_MAX_DEPTH):
         return None, None, '', 'no depth image received'
     if info_msg is None:
         return None, None, '', 'no camera_info received'
-    if (depth_msg.height, depth_msg.width) != tuple(shape) or (info_msg.height, info_msg.width) != tuple(shape):
+    aligned = (depth_msg.height, depth_msg.width) == (info_msg.height, info_msg.width) == tuple(shape)
+    if not aligned:
         return None, None, '', (f'depth {depth_msg.width}x{depth_msg.height} / camera_info {info_msg.width}x'
                                 f'{info_msg.height} not aligned with the {shape[1]}x{shape[0]} image')
     try:

@@ -54,7 +54,8 @@ def read_camera_info(info):
 def check_stamp(sec, nanosec):
     """Raise ValueError unless (sec, nanosec) is a valid builtin_interfaces/Time (nanosec < 1e9, sec >= 0)."""
     if not (0 <= sec < 2**31 and 0 <= nanosec < NS):
-        raise ValueError(f'invalid stamp sec={sec} nanosec={nanosec} (nanosec must be 0..999999999, sec >= 0)')
+        raise ValueError(f'invalid stamp sec={sec} nanosec={nanosec} (nanosec must be 0..999999999, '
+                         'sec >= 0)')
     return sec * NS + nanosec
 
 

@@ -133,7 +133,8 @@ def image_fields(array, encoding):
     if height == 0 or width == 0:
         raise ValueError(f'empty image: {width}x{height} pixels')
     return {'height': height, 'width': width, 'encoding': encoding, 'is_bigendian': int(HOST_IS_BIGENDIAN),
-            'step': width * channels * dtype.itemsize, 'data': np.ascontiguousarray(array).view(np.uint8)}
+            'step': width * channels * dtype.itemsize,
+            'data': np.ascontiguousarray(array).reshape(-1).view(np.uint8)}
 
 
 # --- compressed images (image_transport's `compressed` topics) -------------------------------------
