@@ -27,6 +27,7 @@ def send_compressed_until_answered(node, kind, first_index):
 def test_compressed_jpeg_and_png_are_segmented_and_corrupt_data_refused(launcher):
     node = launcher.start(transport='compressed')
     assert node.image_pub.topic_name == f'{node.namespace}/image/compressed'
+    assert node.process.wait_for_log(f'segmenting {node.namespace}/image/compressed for the phrases')
     assert node.send_query('red mug; blue bottle', expect=['red mug', 'blue bottle']) is not None
     for kind, first in (('jpeg', 100), ('png', 200)):
         answer, sent = send_compressed_until_answered(node, kind, first)

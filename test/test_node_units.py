@@ -15,7 +15,7 @@ from diffseg_ros.ros.diagnostics import build_diagnostics, NodeStats, RepeatFilt
 from diffseg_ros.ros.mailbox import Mailbox
 from diffseg_ros.core.overlay import draw_overlay, label_colour
 from diffseg_ros.ros.params import changed_settings, declare_settings, descriptor, ParameterError
-from diffseg_ros.ros.queries import MAX_QUERIES, MAX_QUERY_BYTES, parse_query, QueryError
+from diffseg_ros.ros.queries import MAX_PHRASE_CHARS, MAX_QUERIES, MAX_QUERY_BYTES, parse_query, QueryError
 from diffseg_ros.ros.segmentation_node import diagnostic_status, NodeSettings, state_values
 
 
@@ -44,7 +44,7 @@ def test_query_count_limited_and_dropped_named():
 
 
 def test_query_size_limit_counts_utf8_bytes():
-    assert parse_query('a' * MAX_QUERY_BYTES).phrases == ['a' * MAX_QUERY_BYTES]
+    assert parse_query('a' * MAX_QUERY_BYTES).phrases == ['a' * MAX_PHRASE_CHARS]   # accepted, phrase cut
     with pytest.raises(QueryError, match=f'query message of {MAX_QUERY_BYTES + 2} bytes refused'):
         parse_query('\u00e9' * (MAX_QUERY_BYTES // 2 + 1))
 

@@ -36,18 +36,21 @@ class SensorFrame:
 FOCAL_RANGE_PX = (1.0, 1e7)   # a focal length outside it is a broken calibration, not a lens
 
 
-def read_camera_info(info):
-    """Return the Camera of a CameraInfo message (rclpy or rosbags), or raise ValueError for an unusable one.
-
-    K must be finite with focal lengths in FOCAL_RANGE_PX (fx = 1e-30 would put points 1e31 m away).
-    """
-    K = np.array(info.k, dtype=float).reshape(3, 3)
+def check_intrinsics(K):
+    """Raise ValueError unless K is finite with focal lengths in FOCAL_RANGE_PX (fx = 1e-30: x = 1e31 m)."""
+    K = np.asarray(K, dtype=float)
     low, high = FOCAL_RANGE_PX
-    focal_ok = all(low <= f <= high for f in (K[0, 0], K[1, 1]))
-    if not (np.isfinite(K).all() and focal_ok) or info.width * info.height == 0:
-        raise ValueError(f'camera_info has no usable intrinsics (an uncalibrated camera?): '
-                         f'K = {np.round(K, 3).tolist()} (focal lengths must be {low:g}..{high:g} px), '
-                         f'{info.width}x{info.height}')
+    if not (np.isfinite(K).all() and low <= K[0, 0] <= high and low <= K[1, 1] <= high):
+        raise ValueError(f'unusable intrinsics (an uncalibrated camera?): K = {np.round(K, 3).tolist()} '
+                         f'(finite, focal lengths {low:g}..{high:g} px)')
+
+
+def read_camera_info(info):
+    """Return the Camera of a CameraInfo message (rclpy or rosbags); raise ValueError for an unusable one."""
+    K = np.array(info.k, dtype=float).reshape(3, 3)
+    check_intrinsics(K)
+    if info.width * info.height == 0:
+        raise ValueError(f'camera_info has no image size: {info.width}x{info.height}')
     return Camera(K, info.width, info.height)
 
 

@@ -27,6 +27,7 @@ from ..core.frame_outputs import output_images, OutputSettings
 from ..core.model_folder import ModelLoadError
 from ..core.query_engine import EngineConfig, QueryEngine
 from ..core.settings import section, setting
+from ..core.text_limits import shorten
 from .depth import DepthCache
 from .image_codec import numpy_to_image_msg
 from .markers import marker_array, MarkerTracker
@@ -197,7 +198,7 @@ class SegmentationNode(WorkerNode):
         try:
             state = self.engine.set_queries(parsed.phrases)
         except Exception as err:   # keep serving the previous queries
-            self._query_error(f'could not set queries {parsed.phrases}: {err}')
+            self._query_error(f'could not set queries {shorten(parsed.phrases)}: {shorten(err)}')
             return
         self.parsed = parsed
         self._queries_changed(state)
@@ -288,7 +289,7 @@ class SegmentationNode(WorkerNode):
         if status['state'] == 'done':   # one call site per severity: rclpy refuses to mix them
             self.get_logger().info(line)
         elif status['state'] == 'failed':
-            self.get_logger().warning(line)
+            self.warn(line)   # one line per kind per period: a stream of bad requests cannot flood the log
 
     # --- diagnostics and errors ---------------------------------------------------------------------------
     def describe(self):

@@ -15,6 +15,7 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from ..core.frames import check_stamp
 from ..core.settings import setting
 from .diagnostics import build_diagnostics, NodeStats, RepeatFilter
 from .image_codec import decode_rgb, image_type, TRANSPORTS
@@ -78,14 +79,20 @@ class WorkerNode(Node):
 
     # --- work -----------------------------------------------------------------------------------------
     def subscribe_image(self, topic, callback, qos):
-        """Subscribe to an image topic with the transport of the `image_transport` setting."""
+        """Subscribe to an image topic with the transport of the `image_transport` setting.
+
+        As image_transport does, `compressed` is the remapped base topic + '/compressed', so remapping
+        `image:=/camera/image_raw` subscribes to /camera/image_raw/compressed.
+        """
         msg_type, suffix = image_type(self.settings.image_transport)
-        return self.create_subscription(msg_type, topic + suffix, callback, qos)
+        name = self.resolve_topic_name(topic) + suffix if suffix else topic
+        return self.create_subscription(msg_type, name, callback, qos)
 
     def decode_image(self, msg, topic):
         """Count an Image or CompressedImage and decode it to RGB; a bad one is reported and gives None."""
         self.stats.count('received')
         try:
+            check_stamp(msg.header.stamp.sec, msg.header.stamp.nanosec)   # outputs carry it
             return decode_rgb(msg)
         except ValueError as err:
             self.report('rejected', f'bad image on {topic}: {err}')
