@@ -1,11 +1,12 @@
 """Inputs robots send, over real DDS: compressed images (JPEG, PNG, corrupt), a query latched before start."""
 import json
+import time
 
-from sensor_msgs.msg import CompressedImage
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 
 from diffseg_ros.ros.image_codec import compressed_image_msg, image_msg_to_numpy
-from ros_harness import LATCHED, make_header, pattern_image, wait_until
+from ros_harness import LATCHED, make_header, make_image, pattern_image, wait_until
 
 
 def send_compressed_until_answered(node, kind, first_index):
@@ -58,3 +59,40 @@ def test_query_latched_before_the_node_starts_reaches_it(launcher, ros_client):
     # A volatile publisher (`ros2 topic pub --once`) still matches the transient-local subscription.
     assert node.send_query('blue bottle', expect=['blue bottle']) is not None
     assert wait_until(lambda: publisher.get_subscription_count() >= 1)
+
+
+def test_bad_values_over_the_node(launcher, ros_client):
+    """Bad stamps are refused, a 1 MB learn request is quoted short, floods log one line, unknown concepts warn."""
+    node = launcher.start()
+    assignments = ros_client.subscribe(String, node.topic('diffseg/assignments'))
+    learn_status = ros_client.subscribe(String, node.topic('diffseg/learn_status'), LATCHED)
+    state = node.send_query('my mug; red bottle', expect=['my mug', 'red bottle'])
+    assert state is not None and state['warnings'] == [
+        "'my mug' names no loaded concept (loaded: none); read as plain text"]
+
+    bad_stamp = make_image(50)
+    bad_stamp.header.stamp.nanosec = 4294967295
+    assert node.publish_until(node.image_pub, lambda: bad_stamp, lambda: node.process.wait_for_log(
+        r'\[ERROR\].*bad image on /t\d+/image: invalid stamp sec=1050 nanosec=4294967295', timeout=1.0))
+    answer, _ = node.send_images_until(node.outputs['semantic'], first_index=60)
+    assert answer is not None
+    assert assignments.wait_for(lambda m: json.loads(m.data)['header']['stamp']['sec'] >= 1060) is not None
+    assert all(json.loads(m.data)['header']['stamp']['nanosec'] < 10**9 for m in assignments.messages)
+
+    learn_pub = ros_client.publisher(String, node.topic('diffseg/learn'))
+    assert ros_client.wait_for_subscribers(learn_pub)
+    learn_pub.publish(String(data='my mug = mug; ' * 80_000))   # about 1 MB
+    status = learn_status.wait_for(lambda m: json.loads(m.data)['state'] == 'failed')
+    assert status is not None and len(status.data) < 400, status and status.data[:500]
+    assert node.wait_diagnostics(lambda v: 'refused' not in v['learn'] and v['learn'].startswith("'my mug"))
+    assert max(len(line) for line in node.process.log.splitlines()) < 400
+
+    flood_start = len(node.process.log.splitlines())
+    before = int(node.wait_diagnostics(lambda v: True)['frames rejected'])
+    for size in range(100, 140):   # 40 bad frames in 2 s, each with other numbers in its error
+        node.image_pub.publish(Image(header=make_header(70), encoding='rgb8', width=16, height=16, step=48,
+                                     data=bytes(size)))
+        time.sleep(0.05)
+    assert node.wait_diagnostics(lambda v: int(v['frames rejected']) >= before + 20) is not None
+    flood_lines = [line for line in node.process.log.splitlines()[flood_start:] if 'image data has' in line]
+    assert len(flood_lines) <= 1, flood_lines
