@@ -62,7 +62,7 @@ def test_query_latched_before_the_node_starts_reaches_it(launcher, ros_client):
 
 
 def test_bad_values_over_the_node(launcher, ros_client):
-    """Bad stamps are refused, a 1 MB learn request is quoted short, floods log one line, unknown concepts warn."""
+    """Refuse bad stamps, quote a 1 MB learn request short, log a flood once, warn about unknown concepts."""
     node = launcher.start()
     assignments = ros_client.subscribe(String, node.topic('diffseg/assignments'))
     learn_status = ros_client.subscribe(String, node.topic('diffseg/learn_status'), LATCHED)
