@@ -373,7 +373,7 @@ class DiffsegLauncher:
         self.started, self.nodes = [], []
 
     def start_process(self, *params, namespace=None, params_file=PARAMS_FILE, model_path=None,
-                      module='diffseg_ros.node'):
+                      module='diffseg_ros.node', remaps=()):
         """Start the node process only; params are 'name:=value' strings (image_size 64 keeps it light)."""
         DiffsegLauncher._counter += 1
         namespace = namespace or f'/t{DiffsegLauncher._counter}'
@@ -382,6 +382,8 @@ class DiffsegLauncher:
                 '-p', 'image_size:=64', '-p', 'diagnostics_period:=0.5']
         for param in params:
             args += ['-p', param]
+        for remap in remaps:
+            args += ['-r', remap]
         log = self.log_dir / f'diffseg{namespace.replace("/", "_")}.log'
         process = NodeProcess(module, args, log)
         self.started.append(process)

@@ -96,3 +96,8 @@ def test_bad_values_over_the_node(launcher, ros_client):
     assert node.wait_diagnostics(lambda v: int(v['frames rejected']) >= before + 20) is not None
     flood_lines = [line for line in node.process.log.splitlines()[flood_start:] if 'image data has' in line]
     assert len(flood_lines) <= 1, flood_lines
+
+
+def test_compressed_topic_follows_the_remapped_image_topic(launcher):
+    process, _ = launcher.start_process('image_transport:=compressed', remaps=['image:=/robot/color'])
+    assert process.wait_for_log(r'ready: segmenting /robot/color/compressed for the phrases'), process.log
