@@ -28,7 +28,7 @@ import numpy as np
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header, String
 
 from diffseg_ros.ros.image_codec import numpy_to_image_msg
@@ -275,9 +275,11 @@ def diagnostic_values(array, name='diffseg: segmentation'):
 class DiffsegUnderTest:
     """One diffseg node process in its own namespace, with the client's publishers and inboxes."""
 
-    def __init__(self, client, process, namespace):
+    def __init__(self, client, process, namespace, transport='raw'):
         self.client, self.process, self.namespace = client, process, namespace
-        self.image_pub = client.publisher(Image, self.topic('image'), BEST_EFFORT)
+        compressed = transport == 'compressed'
+        image_type, topic = (CompressedImage, 'image/compressed') if compressed else (Image, 'image')
+        self.image_pub = client.publisher(image_type, self.topic(topic), BEST_EFFORT)
         self.query_pub = client.publisher(String, self.topic('query'), RELIABLE)
         self.outputs = {name: client.subscribe(Image, self.topic('diffseg/' + name)) for name in
                         ('semantic', 'mask', 'overlay')}
@@ -371,7 +373,7 @@ class DiffsegLauncher:
         self.started, self.nodes = [], []
 
     def start_process(self, *params, namespace=None, params_file=PARAMS_FILE, model_path=None,
-                      module='diffseg_ros.node'):
+                      module='diffseg_ros.node', remaps=()):
         """Start the node process only; params are 'name:=value' strings (image_size 64 keeps it light)."""
         DiffsegLauncher._counter += 1
         namespace = namespace or f'/t{DiffsegLauncher._counter}'
@@ -380,15 +382,17 @@ class DiffsegLauncher:
                 '-p', 'image_size:=64', '-p', 'diagnostics_period:=0.5']
         for param in params:
             args += ['-p', param]
+        for remap in remaps:
+            args += ['-r', remap]
         log = self.log_dir / f'diffseg{namespace.replace("/", "_")}.log'
         process = NodeProcess(module, args, log)
         self.started.append(process)
         return process, namespace
 
-    def start(self, *params, **kwargs):
+    def start(self, *params, transport='raw', **kwargs):
         """Start a node, wait until it is up and connected; return a DiffsegUnderTest."""
-        process, namespace = self.start_process(*params, **kwargs)
-        node = DiffsegUnderTest(self.client, process, namespace)
+        process, namespace = self.start_process(*params, f'image_transport:={transport}', **kwargs)
+        node = DiffsegUnderTest(self.client, process, namespace, transport)
         self.nodes.append(node)
         if not node.wait_until_up():
             code = process.stop()

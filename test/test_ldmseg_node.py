@@ -8,11 +8,11 @@ import itertools
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 import numpy as np
 import pytest
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 
 from diffseg_ros.core.geometry import depth_to_points, invert_pose, transform_points
 from diffseg_ros.ldmseg import project_labels
-from diffseg_ros.ros.image_codec import image_msg_to_numpy, numpy_to_image_msg
+from diffseg_ros.ros.image_codec import compressed_image_msg, image_msg_to_numpy, numpy_to_image_msg
 from diffseg_ros.ros.ldmseg_node import STATUS_NAME
 from diffseg_ros.ros.pointcloud import camera_info_msg, labelled_cloud_msg, read_labelled_cloud
 from diffseg_ros.ros.synth_camera import frame_sequence
@@ -383,3 +383,23 @@ def test_remapped_feedback_the_node_reads_its_own_labeled_points(start, sequence
         scores.append(id_scores(ids, frame.instances))
     # Without the camera motion the labels stay where they were in the image: ids persist, masks lag.
     print('\nwithout the camera motion: id consistency, coverage per frame', scores)
+
+
+def test_compressed_images_are_completed(start, sequence, ros_client):
+    node = start(*RELIABLE_INPUTS, 'image_transport:=compressed', inputs=False)
+    assert node.process.wait_for_log(rf'{node.namespace}/image/compressed')
+    pubs = {name: ros_client.publisher(kind, f'{node.namespace}/{name}') for name, kind in (
+        ('image/compressed', CompressedImage), ('depth', Image), ('camera_info', CameraInfo),
+        ('points', PointCloud2))}
+    assert all(ros_client.wait_for_subscribers(pub) for pub in pubs.values())
+    frame, header = sequence[0], make_header(900)
+
+    def publish():
+        pubs['points'].publish(truth_cloud(frame, header))
+        pubs['camera_info'].publish(camera_info_msg(frame.K, WIDTH, HEIGHT, header))
+        pubs['image/compressed'].publish(compressed_image_msg(frame.rgb, 'png', header))
+        pubs['depth'].publish(numpy_to_image_msg(frame.depth.astype(np.float32), '32FC1', header))
+        return node.instances.wait_for(lambda m: m.header == header, timeout=2.0)
+    answer = wait_until(publish, period=0.0)
+    assert answer is not None, node.process.log
+    assert (answer.encoding, answer.width, answer.height) == ('mono16', WIDTH, HEIGHT)

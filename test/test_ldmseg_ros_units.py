@@ -166,7 +166,7 @@ def test_camera_info_read_and_refused():
     K = intrinsics(64, 48, 55.0)
     camera = read_camera_info(CameraInfo(width=64, height=48, k=K.reshape(-1).tolist()))
     assert (camera.width, camera.height) == (64, 48) and np.array_equal(camera.K, K)
-    with pytest.raises(ValueError, match='camera_info has no usable intrinsics'):
+    with pytest.raises(ValueError, match='unusable intrinsics'):
         read_camera_info(CameraInfo(width=64, height=48))
 
 

@@ -53,6 +53,9 @@ def test_bad_image_is_reported_and_next_frame_served(diffseg, case):
 
 def test_repeated_bad_frames_log_once_but_are_all_counted(diffseg):
     msg = raw_image(7, 'nv12', 8, 8, 8, 96)
+    # A line of this kind may have been logged less than a period ago: publish until one shows.
+    assert diffseg.publish_until(diffseg.image_pub, lambda: msg, lambda: diffseg.process.wait_for_log(
+        "unsupported image encoding 'nv12'", timeout=1.0), period=0.5)
     before = int(diffseg.wait_diagnostics(lambda v: True)['frames rejected'])
     for _ in range(10):
         diffseg.image_pub.publish(msg)

@@ -13,9 +13,9 @@ from diffseg_ros.core.segmenter import SegmenterConfig
 from diffseg_ros.core.settings import items
 from diffseg_ros.ros.diagnostics import build_diagnostics, NodeStats, RepeatFilter
 from diffseg_ros.ros.mailbox import Mailbox
-from diffseg_ros.ros.overlay import draw_overlay, label_colour
+from diffseg_ros.core.overlay import draw_overlay, label_colour
 from diffseg_ros.ros.params import changed_settings, declare_settings, descriptor, ParameterError
-from diffseg_ros.ros.queries import MAX_QUERIES, MAX_QUERY_BYTES, parse_query, QueryError
+from diffseg_ros.ros.queries import MAX_PHRASE_CHARS, MAX_QUERIES, MAX_QUERY_BYTES, parse_query, QueryError
 from diffseg_ros.ros.segmentation_node import diagnostic_status, NodeSettings, state_values
 
 
@@ -44,7 +44,7 @@ def test_query_count_limited_and_dropped_named():
 
 
 def test_query_size_limit_counts_utf8_bytes():
-    assert parse_query('a' * MAX_QUERY_BYTES).phrases == ['a' * MAX_QUERY_BYTES]
+    assert parse_query('a' * MAX_QUERY_BYTES).phrases == ['a' * MAX_PHRASE_CHARS]   # accepted, phrase cut
     with pytest.raises(QueryError, match=f'query message of {MAX_QUERY_BYTES + 2} bytes refused'):
         parse_query('\u00e9' * (MAX_QUERY_BYTES // 2 + 1))
 
@@ -79,7 +79,20 @@ def test_repeat_filter_lets_each_line_through_once_per_period():
     repeats = RepeatFilter(period=5.0, clock=lambda: now[0])
     assert repeats.allow('a') and not repeats.allow('a') and repeats.allow('b')
     now[0] += 5.0
-    assert repeats.allow('a')
+    assert repeats.allow('a') == 'a (+1 more like it in the last 5 s)'
+
+
+def test_repeat_filter_counts_a_kind_and_says_how_many_were_held_back():
+    now = [100.0]
+    repeats = RepeatFilter(period=5.0, clock=lambda: now[0])
+    lines = [repeats.allow(f"bad image on /image: unsupported image encoding 'x{i}' ({i} bytes)")
+             for i in range(1000)]
+    assert lines[0] and not any(lines[1:])   # one kind: numbers and quoted values differ
+    assert repeats.allow('query refused: too long')   # another kind is not held back
+    now[0] += 6.0
+    line = repeats.allow("bad image on /image: unsupported image encoding 'y' (7 bytes)")
+    assert line == ("bad image on /image: unsupported image encoding 'y' (7 bytes) "
+                    '(+999 more like it in the last 6 s)')
 
 
 # --- diagnostics --------------------------------------------------------------------------------------
@@ -245,7 +258,16 @@ def test_runtime_update_validates_like_start():
     changes = [Parameter('box_threshold', value=0.3), Parameter('overlay_alpha', value=0.1),
                Parameter('use_sim_time', value=False)]
     updated = changed_settings(settings, changes)
-    assert updated.engine.segmenter.box_threshold == 0.3 and updated.overlay_alpha == 0.1
+    assert updated.engine.segmenter.box_threshold == 0.3 and updated.output.overlay_alpha == 0.1
     assert settings.engine.segmenter.box_threshold != 0.3 and updated.engine.learn == settings.engine.learn
     with pytest.raises(ParameterError, match='tau must be in'):
         changed_settings(settings, [Parameter('tau', value=0.0)])
+
+
+# --- query subscriptions ------------------------------------------------------------------------------------
+def test_a_query_sample_delivered_by_both_subscriptions_is_taken_once():
+    from diffseg_ros.ros.queries import SampleFilter
+    samples = SampleFilter()
+    info = {'publisher_gid': {'data': b'\x01' * 16}, 'publication_sequence_number': 3, 'source_timestamp': 5}
+    assert samples.first_time(info) and not samples.first_time(dict(info))
+    assert samples.first_time(dict(info, publication_sequence_number=4))

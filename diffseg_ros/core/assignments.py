@@ -6,6 +6,7 @@ documented by config/assignments.schema.json.
 """
 import numpy as np
 
+from .frames import check_intrinsics, check_stamp
 from .geometry import depth_to_points
 from .instances import QueryResult
 from .masks import bbox
@@ -54,9 +55,19 @@ def box(mask):
     return None if found is None else dict(zip(('x', 'y', 'width', 'height'), found))
 
 
-def query_entry(label, query, instances, points):
+def centroid_note(mask, points, depth_note):
+    """Say why a query has no centroid: no instance, no depth for the frame, or no valid depth inside it."""
+    if not mask.any():
+        return 'no instance assigned'
+    if points is None:
+        return depth_note or 'no depth'
+    return f'no valid depth (finite, positive, within max_depth) in the {int(mask.sum())} instance pixels'
+
+
+def query_entry(label, query, instances, points, depth_note=''):
     """One query's assignment; box, pixels and centroid describe its instance in the instance image."""
     mask = instances == query.instance_id if query.instance_id else np.zeros(instances.shape, bool)
+    centroid = centre_point(points, mask) if points is not None and mask.any() else None
     entry = {
         'label': label,
         'phrase': query.text,
@@ -68,8 +79,10 @@ def query_entry(label, query, instances, points):
         'alone_instance_id': int(query.alone_instance_id),
         'bbox': box(mask),
         'pixels': int(mask.sum()),
-        'centroid': centre_point(points, mask) if points is not None and mask.any() else None,
+        'centroid': centroid,
     }
+    if centroid is None:
+        entry['note'] = centroid_note(mask, points, depth_note)
     if getattr(query, 'evidence', None):       # the instance path's evidence behind the chosen instance
         entry['evidence'] = query.evidence
     return entry
@@ -83,6 +96,12 @@ def build_assignments(stamp, frame_id, mode, queries, instances, depth=None, K=N
     its 3x3 intrinsics; centroids are in depth_frame (the image's frame when empty). depth_note says why
     there are no centroids.
     """
+    check_stamp(*stamp)
+    if depth is not None:
+        try:
+            check_intrinsics(K)
+        except ValueError as err:
+            depth, depth_note = None, str(err)
     points = depth_to_points(depth, K) if depth is not None else None
     height, width = instances.shape
     return {
@@ -92,7 +111,7 @@ def build_assignments(stamp, frame_id, mode, queries, instances, depth=None, K=N
         'height': int(height),
         'depth': {'used': points is not None, 'frame_id': (depth_frame or frame_id) if points is not None
                   else '', 'note': '' if points is not None else depth_note},
-        'queries': [query_entry(label, query, instances, points)
+        'queries': [query_entry(label, query, instances, points, depth_note)
                     for label, query in enumerate(queries, start=1)],
     }
 

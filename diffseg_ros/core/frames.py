@@ -33,6 +33,35 @@ class SensorFrame:
     source: object = None
 
 
+FOCAL_RANGE_PX = (1.0, 1e7)   # a focal length outside it is a broken calibration, not a lens
+
+
+def check_intrinsics(K):
+    """Raise ValueError unless K is finite with focal lengths in FOCAL_RANGE_PX (fx = 1e-30: x = 1e31 m)."""
+    K = np.asarray(K, dtype=float)
+    low, high = FOCAL_RANGE_PX
+    if not (np.isfinite(K).all() and low <= K[0, 0] <= high and low <= K[1, 1] <= high):
+        raise ValueError(f'unusable intrinsics (an uncalibrated camera?): K = {np.round(K, 3).tolist()} '
+                         f'(finite, focal lengths {low:g}..{high:g} px)')
+
+
+def read_camera_info(info):
+    """Return the Camera of a CameraInfo message (rclpy or rosbags); raise ValueError for an unusable one."""
+    K = np.array(info.k, dtype=float).reshape(3, 3)
+    check_intrinsics(K)
+    if info.width * info.height == 0:
+        raise ValueError(f'camera_info has no image size: {info.width}x{info.height}')
+    return Camera(K, info.width, info.height)
+
+
+def check_stamp(sec, nanosec):
+    """Raise ValueError unless (sec, nanosec) is a valid builtin_interfaces/Time (nanosec < 1e9, sec >= 0)."""
+    if not (0 <= sec < 2**31 and 0 <= nanosec < NS):
+        raise ValueError(f'invalid stamp sec={sec} nanosec={nanosec} (nanosec must be 0..999999999, '
+                         'sec >= 0)')
+    return sec * NS + nanosec
+
+
 class StampBuffer:
     """The last `keep` items of a stream by stamp; thread-safe (callbacks add, the worker looks up)."""
 

@@ -19,6 +19,7 @@ from scipy import ndimage
 from .concept_learning import LearnSettings
 from .concepts import ConceptError, next_free_token, normalise_name, safe_folder_name, save_concept
 from .settings import section, setting, Settings
+from .text_limits import MAX_LOG_CHARS
 
 MAX_REQUEST_CHARS = 200
 MAX_NAME_CHARS = 100
@@ -54,16 +55,25 @@ class LearnRequest:
     aliases: tuple = ()
 
 
+def _quoted(text):
+    """Return the first MAX_LOG_CHARS characters of a refused request, cleaned, for its status and the log."""
+    head = _clean(text[:MAX_LOG_CHARS])
+    return head if len(text) <= MAX_LOG_CHARS else f'{head}... ({len(text)} characters)'
+
+
 def _clean(text):
     return ' '.join(''.join(ch if ch.isprintable() else ' ' for ch in str(text)).split())
 
 
 def is_cancel_request(text):
-    return _clean(text).lower() == CANCEL_REQUEST
+    return len(text) <= MAX_LOG_CHARS and _clean(text).lower() == CANCEL_REQUEST
 
 
 def parse_learn_request(text):
     """Parse 'my mug[, alias ...] = mug' (names = class word); raise LearnRequestError on bad text."""
+    if len(text) > 4 * MAX_REQUEST_CHARS:   # refused before any work on it: a 1 MB request is cheap to send
+        raise LearnRequestError(f'learn request of {len(text)} characters refused '
+                                f'(limit {MAX_REQUEST_CHARS})')
     cleaned = _clean(text)
     if len(cleaned) > MAX_REQUEST_CHARS:
         raise LearnRequestError(f'learn request longer than {MAX_REQUEST_CHARS} characters')
@@ -116,7 +126,7 @@ class LearnJob:
     def __init__(self, job_id, request, frames, text=''):
         self.id = job_id
         self.request = request            # None for a request refused while parsing
-        self.text = request.text if request else _clean(text)
+        self.text = request.text if request else _quoted(text)   # any size: only its start is kept
         self.frames = frames              # frames to look at
         self.seen = 0
         self.crops = []

@@ -22,6 +22,9 @@ from .segmenter import Segmenter, SegmenterConfig
 from .settings import section, setting, Settings
 
 
+PERSONAL_WORDS = ('my ', 'our ')   # a phrase starting so asks for a personal concept
+
+
 @dataclass
 class EngineConfig(Settings):
     segmenter: SegmenterConfig = section(SegmenterConfig, '')
@@ -194,12 +197,13 @@ class QueryEngine:
         """Make phrases active (names and aliases of concepts resolved); returns the QueryState."""
         self.phrases = list(phrases)
         resolved = [self.personal.resolve(p) for p in phrases]
+        unknown = self.unknown_concepts(resolved)
         if not any(q.concept for q in resolved):
             kept = self.segmenter.set_queries(phrases)
             queries = [InstanceQuery(text, text) for text in kept.queries]
-            self.state = QueryState(queries, 'semantic', list(kept.truncated), list(kept.warnings))
+            self.state = QueryState(queries, 'semantic', list(kept.truncated), unknown + list(kept.warnings))
             return self.state
-        unique, warnings = [], []
+        unique, warnings = [], unknown
         for query in resolved:
             same = [q for q in unique if normalise_name(q.prompt) == normalise_name(query.prompt)]
             if same:
@@ -212,6 +216,12 @@ class QueryEngine:
         truncated = [q.text for q in unique if q.prompt not in kept.queries]
         self.state = QueryState(queries, 'instances', truncated, warnings + list(kept.warnings))
         return self.state
+
+    def unknown_concepts(self, resolved):
+        """Warn about phrases that look like a personal concept ("my mug") but name none that is loaded."""
+        loaded = ', '.join(repr(c.name) for c in self.library.concepts) or 'none'
+        return [f'{q.text!r} names no loaded concept (loaded: {loaded}); read as plain text'
+                for q in resolved if not q.concept and q.text.casefold().startswith(PERSONAL_WORDS)]
 
     def process(self, rgb):
         """Serve one frame: its FrameResult for the active queries (None without any), and learning."""

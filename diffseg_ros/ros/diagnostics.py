@@ -1,5 +1,6 @@
 """Counters shared by a node's callbacks and worker, their /diagnostics report, and log throttling."""
 from collections import deque
+import re
 import threading
 import time
 
@@ -112,21 +113,35 @@ def build_diagnostics(name, node, facts, status, state, counters, stats, now, wa
     return diagnostic_array(level, name, message, str(facts.get('model', '')), values, now)
 
 
+def kind_of(line):
+    """Return the kind of a log line: its text with quoted values and numbers blanked (they vary)."""
+    return re.sub(r"'[^']*'|\d+", '#', line)[:120]
+
+
 class RepeatFilter:
-    """Let a given log line through at most once per period, so a bad stream cannot flood the log."""
+    """Let one log line of a kind through per period, saying how many of its kind were held back since.
+
+    A bad stream (one error per message, each with other numbers in it) cannot flood the log.
+    """
 
     def __init__(self, period=5.0, clock=time.monotonic):
         self._period = period
         self._clock = clock
-        self._last = {}
+        self._last = {}       # kind -> time of its last logged line
+        self._held = {}       # kind -> lines held back since then
         self._lock = threading.Lock()
 
     def allow(self, line):
-        now = self._clock()
+        """Return the line to log now (with the count held back since the last one), or None."""
+        kind, now = kind_of(line), self._clock()
         with self._lock:
-            if now - self._last.get(line, -self._period) < self._period:
-                return False
-            self._last[line] = now
-            if len(self._last) > 256:   # forget old lines; distinct bad inputs are few
+            previous = self._last.get(kind)
+            if previous is not None and now - previous < self._period:
+                self._held[kind] = self._held.get(kind, 0) + 1
+                return None
+            self._last[kind] = now
+            held = self._held.pop(kind, 0)
+            if len(self._last) > 256:   # forget old kinds; distinct kinds of bad input are few
                 self._last = {k: t for k, t in self._last.items() if now - t < self._period}
-            return True
+                self._held = {k: n for k, n in self._held.items() if k in self._last}
+        return f'{line} (+{held} more like it in the last {now - previous:.0f} s)' if held else line

@@ -28,7 +28,7 @@ from .image_codec import numpy_to_image_msg, to_depth_metres
 from .params import ParameterError
 from .pointcloud import labelled_cloud_msg, read_labelled_cloud
 from .runner import EXIT_BAD_ARGUMENTS, run_node
-from .worker_node import OUTPUT_QOS, QosSettings, subscription_qos, WorkerNode
+from .worker_node import image_transport_setting, OUTPUT_QOS, QosSettings, subscription_qos, WorkerNode
 
 NODE_NAME = 'ldmseg'
 STATUS_NAME = 'ldmseg: completion'
@@ -45,6 +45,7 @@ class NodeSettings:
                                     '~/labeled_points; false = images alone, no ~/labeled_points')
     depth_max_time_difference: float = setting(0.01, 'largest |image stamp - depth stamp| in seconds for an '
                                                      'image and a depth image to form a frame', low=0.0)
+    image_transport: str = image_transport_setting()
     qos_image: QosSettings = section(QosSettings, 'qos.image')
     qos_points: QosSettings = section(lambda: QosSettings(depth=2), 'qos.points')
     diagnostics_period: float = setting(1.0, 'seconds between /diagnostics reports', low=0.05, high=3600.0)
@@ -99,7 +100,7 @@ class LDMSegNode(WorkerNode):
         self.points_pub = self.create_publisher(PointCloud2, '~/labeled_points', OUTPUT_QOS)
         image_qos = subscription_qos(self.settings.qos_image)
         self.subs = {
-            'image': self.create_subscription(Image, 'image', self._on_image, image_qos),
+            'image': self.subscribe_image('image', self._on_image, image_qos),
             'camera_info': self.create_subscription(CameraInfo, 'camera_info', self._on_camera_info,
                                                     image_qos),
             'points': self.create_subscription(PointCloud2, 'points', self._on_points,

@@ -10,7 +10,7 @@ from builtin_interfaces.msg import Duration
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from .overlay import label_colour
+from ..core.overlay import label_colour
 
 SPHERE_DIAMETER = 0.05   # metres
 TEXT_HEIGHT = 0.04

@@ -6,12 +6,15 @@ message size and number of phrases are bounded before anything reaches the text 
 Phrase length and the 77-token CLIP limit are the engine's business (Segmenter.set_queries reports
 what it cut).
 """
+from collections import deque
 from dataclasses import dataclass, field
 import unicodedata
 
 from ..core.segmenter import MAX_QUERIES   # the engine also cuts over-long phrases (with a warning)
+from ..core.text_limits import shorten
 
 MAX_QUERY_BYTES = 10 * 1024
+MAX_PHRASE_CHARS = 300   # well over CLIP's 77 tokens: a longer phrase is cut (the engine cuts it to tokens)
 SEPARATOR = ';'
 
 
@@ -46,6 +49,10 @@ def parse_query(text):
     for raw in text.split(SEPARATOR):
         phrase = _clean(raw)
         cleaned_any |= phrase != ' '.join(raw.split())
+        if len(phrase) > MAX_PHRASE_CHARS:
+            result.warnings.append(f'phrase of {len(phrase)} characters cut to {MAX_PHRASE_CHARS}: '
+                                   f'{shorten(phrase)!r}')
+            phrase = phrase[:MAX_PHRASE_CHARS].rstrip()
         if not phrase or phrase.casefold() in seen:   # CLIP lower-cases: 'Mug' and 'mug' are one query
             continue
         seen.add(phrase.casefold())
@@ -53,5 +60,22 @@ def parse_query(text):
     if cleaned_any:
         result.warnings.append('removed control or invalid characters from the query text')
     if result.dropped:
-        result.warnings.append(f'more than {MAX_QUERIES} queries; dropped: ' + ', '.join(result.dropped))
+        dropped = shorten(', '.join(result.dropped))
+        result.warnings.append(f'more than {MAX_QUERIES} queries; dropped: {dropped}')
     return result
+
+
+class SampleFilter:
+    """Tell a sample seen for the first time from a repeat by a second subscription."""
+
+    def __init__(self, keep=64):
+        self._seen = deque(maxlen=keep)
+
+    def first_time(self, info):
+        """Return True the first time a sample (rclpy MessageInfo) is seen."""
+        key = (repr(info.get('publisher_gid')), info.get('publication_sequence_number'),
+               info['source_timestamp'])
+        if key in self._seen:
+            return False
+        self._seen.append(key)
+        return True

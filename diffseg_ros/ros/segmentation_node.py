@@ -14,25 +14,28 @@ import time
 from diagnostic_msgs.msg import DiagnosticStatus
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import MultiThreadedExecutor
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from visualization_msgs.msg import MarkerArray
 
 from ..core.assignments import build_assignments
+from ..core.frame_outputs import output_images, OutputSettings
 from ..core.model_folder import ModelLoadError
 from ..core.query_engine import EngineConfig, QueryEngine
 from ..core.settings import section, setting
+from ..core.text_limits import shorten
 from .depth import DepthCache
 from .image_codec import numpy_to_image_msg
 from .markers import marker_array, MarkerTracker
-from .overlay import draw_overlay
 from .params import ParameterError
-from .queries import parse_query, QueryError
+from .queries import parse_query, QueryError, SampleFilter
 from .runner import EXIT_BAD_ARGUMENTS, run_node
-from .worker_node import OUTPUT_QOS, QosSettings, STATE_QOS, subscription_qos, WorkerNode
+from .worker_node import (image_transport_setting, OUTPUT_QOS, QosSettings, STATE_QOS, subscription_qos,
+                          WorkerNode)
 
 NODE_NAME = 'diffseg'
 IMAGE_TOPIC, QUERY_TOPIC = 'image', 'query'   # relative: remap or namespace them
@@ -40,18 +43,23 @@ DEPTH_TOPIC, CAMERA_INFO_TOPIC = 'depth', 'camera_info'
 RELOAD_TIMEOUT = 300.0   # s a ~/reload_concepts call waits for the worker (a frame in progress, then loading)
 EXIT_BAD_PARAMETER = EXIT_BAD_ARGUMENTS
 EXIT_MODEL_ERROR = 3
+# A transient-local subscription gets what latched publishers sent before the node came up, but DDS does
+# not match it with volatile publishers (`ros2 topic pub --once`, most planners): the node has both, and
+# takes a sample both deliver once.
 QUERY_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+LATCHED_QUERY_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                               durability=DurabilityPolicy.TRANSIENT_LOCAL)
+# Volatile: a learn request trains a concept, so a latched one must not start again at every node start.
+LEARN_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 
 
 @dataclass
 class NodeSettings:
     engine: EngineConfig = section(EngineConfig, '')
     qos: QosSettings = section(QosSettings, 'qos.image')
-    overlay_alpha: float = setting(0.5, 'opacity of the mask colours in ~/overlay', low=0.0, high=1.0,
-                                   runtime=True)
+    image_transport: str = image_transport_setting()
+    output: OutputSettings = section(OutputSettings, '')   # shared with `diffseg bag`
     diagnostics_period: float = setting(1.0, 'seconds between /diagnostics reports', low=0.05, high=3600.0)
-    depth_tolerance: float = setting(0.05, 'largest stamp difference (s) between an image and the depth '
-                                           'frame used for its 3D centroids', low=0.0, high=10.0)
     marker_lifetime: float = setting(0.0, 'lifetime (s) of ~/markers; 0 = twice the measured result period',
                                      low=0.0, high=3600.0, runtime=True)
 
@@ -97,6 +105,7 @@ class SegmentationNode(WorkerNode):
         self.markers = MarkerTracker(self.settings.marker_lifetime)
         self.query_set = False      # a non-empty query was received (checked by the image callback)
         self.parsed = parse_query('')
+        self.query_samples = SampleFilter()
         self._concepts_loaded(self.engine.reload())
         self._create_interfaces()
         self.start()
@@ -114,12 +123,16 @@ class SegmentationNode(WorkerNode):
         self.markers_pub = self.create_publisher(MarkerArray, '~/markers', OUTPUT_QOS)
         self.learn_status_pub = self.create_publisher(String, '~/learn_status', STATE_QOS)
         sensor_qos = subscription_qos(self.settings.qos)
-        self.image_sub = self.create_subscription(Image, IMAGE_TOPIC, self._on_image, sensor_qos)
+        self.image_sub = self.subscribe_image(IMAGE_TOPIC, self._on_image, sensor_qos)
         self.depth_sub = self.create_subscription(Image, DEPTH_TOPIC, self.depth.add_depth, sensor_qos)
         self.info_sub = self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self.depth.set_info,
                                                  sensor_qos)
         self.query_sub = self.create_subscription(String, QUERY_TOPIC, self._on_query, QUERY_QOS)
-        self.learn_sub = self.create_subscription(String, '~/learn', self._on_learn, QUERY_QOS)
+        # Volatile publishers do not match it; that is expected, not worth the default warning.
+        self.latched_query_sub = self.create_subscription(
+            String, QUERY_TOPIC, self._on_query, LATCHED_QUERY_QOS,
+            event_callbacks=SubscriptionEventCallbacks(incompatible_qos=lambda event: None))
+        self.learn_sub = self.create_subscription(String, '~/learn', self._on_learn, LEARN_QOS)
         # Its own group: the call waits for the worker while the other callbacks go on (multi-threaded spin).
         self.reload_srv = self.create_service(Trigger, '~/reload_concepts', self._on_reload,
                                               callback_group=MutuallyExclusiveCallbackGroup())
@@ -137,9 +150,12 @@ class SegmentationNode(WorkerNode):
         if not self.query_set and not self.engine.learning.collecting:
             self.stats.count('waiting')
             return
-        self.hand_over(Frame(msg.header, rgb, self.depth.match(msg.header, self.settings.depth_tolerance)))
+        depth = self.depth.match(msg.header, self.settings.output.depth_tolerance)
+        self.hand_over(Frame(msg.header, rgb, depth))
 
-    def _on_query(self, msg):
+    def _on_query(self, msg, info):
+        if not self.query_samples.first_time(info):   # the other query subscription had it
+            return
         try:
             parsed = parse_query(msg.data)
         except QueryError as err:
@@ -182,7 +198,7 @@ class SegmentationNode(WorkerNode):
         try:
             state = self.engine.set_queries(parsed.phrases)
         except Exception as err:   # keep serving the previous queries
-            self._query_error(f'could not set queries {parsed.phrases}: {err}')
+            self._query_error(f'could not set queries {shorten(parsed.phrases)}: {shorten(err)}')
             return
         self.parsed = parsed
         self._queries_changed(state)
@@ -234,17 +250,15 @@ class SegmentationNode(WorkerNode):
 
     # --- publishing -------------------------------------------------------------------------------------
     def _publish_result(self, frame, result, latency):
-        header = frame.header
-        labels = result.labels
-        self.semantic_pub.publish(numpy_to_image_msg(labels, 'mono8', header))
-        self.mask_pub.publish(numpy_to_image_msg((labels == 1).astype(np.uint8) * 255, 'mono8', header))
-        if self.overlay_pub.get_subscription_count():   # drawing costs more than it is worth unseen
-            names = [q.text for q in result.queries]
-            overlay = draw_overlay(frame.rgb, labels, names, self.settings.overlay_alpha)
-            self.overlay_pub.publish(numpy_to_image_msg(overlay, 'rgb8', header))
-        self.instances_pub.publish(numpy_to_image_msg(result.instances, 'mono16', header))
-        depth, K, depth_frame, note = self.depth.lookup(header, self.settings.depth_tolerance,
-                                                        frame.rgb.shape[:2], frame.depth)
+        header, output = frame.header, self.settings.output
+        publishers = {'semantic': self.semantic_pub, 'mask': self.mask_pub, 'overlay': self.overlay_pub,
+                      'instances': self.instances_pub}
+        images = output_images(frame.rgb, result, output.overlay_alpha,
+                               overlay=self.overlay_pub.get_subscription_count() > 0)
+        for name, (array, encoding) in images.items():
+            publishers[name].publish(numpy_to_image_msg(array, encoding, header))
+        depth, K, depth_frame, note = self.depth.lookup(header, output.depth_tolerance, frame.rgb.shape[:2],
+                                                        frame.depth, output.max_depth)
         assignments = build_assignments((header.stamp.sec, header.stamp.nanosec), header.frame_id,
                                         result.mode, result.queries, result.instances, depth, K, note,
                                         depth_frame)
@@ -275,7 +289,7 @@ class SegmentationNode(WorkerNode):
         if status['state'] == 'done':   # one call site per severity: rclpy refuses to mix them
             self.get_logger().info(line)
         elif status['state'] == 'failed':
-            self.get_logger().warning(line)
+            self.warn(line)   # one line per kind per period: a stream of bad requests cannot flood the log
 
     # --- diagnostics and errors ---------------------------------------------------------------------------
     def describe(self):
@@ -292,8 +306,7 @@ class SegmentationNode(WorkerNode):
 
     def _query_error(self, text):
         self.stats.query_failed(text)
-        if self.repeats.allow(text):
-            self.get_logger().error(text)
+        self.log_error(text)
 
 
 def diagnostic_status(stats):

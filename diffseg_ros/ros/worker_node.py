@@ -15,9 +15,10 @@ from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+from ..core.frames import check_stamp
 from ..core.settings import setting
 from .diagnostics import build_diagnostics, NodeStats, RepeatFilter
-from .image_codec import to_rgb
+from .image_codec import decode_rgb, image_type, TRANSPORTS
 from .mailbox import Mailbox
 from .params import changed_settings, declare_settings, ParameterError
 
@@ -33,6 +34,13 @@ class QosSettings:
                                               'match the publisher', choices=('best_effort', 'reliable'))
     depth: int = setting(5, 'subscription history depth (the node keeps only the newest frame anyway)',
                          low=1, high=100)
+
+
+def image_transport_setting():
+    """Declare the `image_transport` setting of a node's image input (the same in every node)."""
+    return setting('raw', "image input: 'raw' = sensor_msgs/Image on the image topic, 'compressed' = "
+                          'sensor_msgs/CompressedImage (JPEG or PNG) on <image topic>/compressed',
+                   choices=TRANSPORTS)
 
 
 def subscription_qos(settings):
@@ -70,11 +78,22 @@ class WorkerNode(Node):
         self.worker.join(timeout=5.0)
 
     # --- work -----------------------------------------------------------------------------------------
+    def subscribe_image(self, topic, callback, qos):
+        """Subscribe to an image topic with the transport of the `image_transport` setting.
+
+        As image_transport does, `compressed` is the remapped base topic + '/compressed', so remapping
+        `image:=/camera/image_raw` subscribes to /camera/image_raw/compressed.
+        """
+        msg_type, suffix = image_type(self.settings.image_transport)
+        name = self.resolve_topic_name(topic) + suffix if suffix else topic
+        return self.create_subscription(msg_type, name, callback, qos)
+
     def decode_image(self, msg, topic):
-        """Count an image message and decode it to RGB; a bad one is reported and gives None."""
+        """Count an Image or CompressedImage and decode it to RGB; a bad one is reported and gives None."""
         self.stats.count('received')
         try:
-            return to_rgb(msg)
+            check_stamp(msg.header.stamp.sec, msg.header.stamp.nanosec)   # outputs carry it
+            return decode_rgb(msg)
         except ValueError as err:
             self.report('rejected', f'bad image on {topic}: {err}')
             return None
@@ -90,7 +109,7 @@ class WorkerNode(Node):
             try:
                 self.do_work(work)
             except Exception as err:   # a dead worker would silently stop the node serving
-                self.get_logger().error(f'worker error: {type(err).__name__}: {err}')
+                self.log_error(f'worker error: {type(err).__name__}: {err}')
 
     def do_work(self, work):
         """Do the work taken from the mailbox ({} after a quiet second); runs on the worker thread."""
@@ -110,12 +129,19 @@ class WorkerNode(Node):
     def report(self, counter, text):
         """Count a bad input or failed frame; log it once per period (a bad stream cannot flood the log)."""
         self.stats.frame_failed(counter, text)
-        if self.repeats.allow(text):
-            self.get_logger().error(text)
+        self.log_error(text)
+
+    def log_error(self, text):
+        """Log an error, one line per kind per period (RepeatFilter)."""
+        line = self.repeats.allow(text)
+        if line:
+            self.get_logger().error(line)
 
     def warn(self, text):
-        if self.repeats.allow(text):
-            self.get_logger().warning(text)
+        """Log a warning, one line per kind per period (RepeatFilter)."""
+        line = self.repeats.allow(text)
+        if line:
+            self.get_logger().warning(line)
 
     def publish_diagnostics(self):
         stats = self.stats.report()

@@ -1,4 +1,4 @@
-"""`diffseg`: one command with verbs (bench, synth, train, eval, demo); `diffseg VERB --help` for each."""
+"""`diffseg`: one command with verbs (bench, synth, train, eval, demo, concept, bag); `diffseg VERB -h`."""
 import argparse
 import importlib
 import sys
@@ -13,6 +13,7 @@ VERBS = {
     'eval': 'diffseg_ros.tools.evaluate',
     'demo': 'diffseg_ros.tools.demo',
     'concept': 'diffseg_ros.tools.concept_cli',
+    'bag': 'diffseg_ros.tools.bag',
 }
 
 
