@@ -6,6 +6,10 @@ import time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
 LATENCY_WINDOW = 20
+# The node is falling behind when its newest result is older than this many mean compute latencies and
+# than STALE_MIN_S while newer frames keep arriving (e.g. frames far larger than the model's input).
+STALE_LATENCIES = 3
+STALE_MIN_S = 1.0
 
 
 class NodeStats:
@@ -22,6 +26,7 @@ class NodeStats:
         self.queries_rejected = 0
         self.latencies = deque(maxlen=LATENCY_WINDOW)
         self.last_stamp = None     # header.stamp (builtin_interfaces/Time) of the last processed frame
+        self.latest_stamp = None   # header.stamp of the newest image that arrived
         self.last_error = ''
         self.last_frame_failed = False
         self.failed_since_report = False   # so every failure shows in at least one ERROR report
@@ -33,6 +38,13 @@ class NodeStats:
     def count(self, counter, amount=1):
         with self._lock:
             setattr(self, counter, getattr(self, counter) + amount)
+
+    def image_arrived(self, stamp):
+        """Count an image message and remember the newest stamp seen."""
+        with self._lock:
+            self.received += 1
+            if self.latest_stamp is None or _nanoseconds(stamp) > _nanoseconds(self.latest_stamp):
+                self.latest_stamp = stamp
 
     def frame_failed(self, counter, error):
         """Count a bad or failed frame and remember why."""
@@ -67,22 +79,44 @@ class NodeStats:
         with self._lock:
             self.learn = f"{status['request']!r}: {status['state']} {status['progress']:.0%}"
 
-    def report(self):
-        """Consistent copy of every counter for one diagnostics report; starts a new report period."""
+    def report(self, now=None):
+        """Consistent copy of every counter for one diagnostics report; starts a new report period.
+
+        With `now` (rclpy Time), 'result_age' holds now - the last result's stamp (s; None before any).
+        """
         with self._lock:
             copy = dict(vars(self))
             copy['latencies'] = list(self.latencies)
             self.failed_since_report = False
         del copy['_lock']
+        copy['result_age'] = result_age(copy, now) if now is not None else None
         return copy
+
+
+def _nanoseconds(stamp):
+    return stamp.sec * 10**9 + stamp.nanosec
+
+
+def result_age(stats, now):
+    """Return seconds from the last result's stamp to `now` (rclpy Time); None before any result."""
+    if stats['last_stamp'] is None:
+        return None
+    return (now.nanoseconds - _nanoseconds(stats['last_stamp'])) / 1e9
+
+
+def falling_behind(stats):
+    """Tell whether newer frames wait while the newest result is a few compute periods old (a report)."""
+    age, latencies = stats.get('result_age'), stats['latencies']
+    if age is None or not latencies or stats['latest_stamp'] is None:
+        return False
+    newer_frames = _nanoseconds(stats['latest_stamp']) > _nanoseconds(stats['last_stamp'])
+    return newer_frames and age > max(STALE_LATENCIES * sum(latencies) / len(latencies), STALE_MIN_S)
 
 
 def timing_values(stats, now):
     """Return the rolling inference latency and the result age (now - last result stamp) as report values."""
     latency = sum(stats['latencies']) / len(stats['latencies']) if stats['latencies'] else None
-    age = None
-    if stats['last_stamp'] is not None:
-        age = (now.nanoseconds - (stats['last_stamp'].sec * 10**9 + stats['last_stamp'].nanosec)) / 1e9
+    age = result_age(stats, now)
     return {'inference latency mean (s)': '' if latency is None else f'{latency:.3f}',
             'inference latency samples': len(stats['latencies']),
             'result age (s)': '' if age is None else f'{age:.3f}'}

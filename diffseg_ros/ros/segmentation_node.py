@@ -26,6 +26,7 @@ from ..core.model_folder import ModelLoadError
 from ..core.query_engine import EngineConfig, QueryEngine
 from ..core.settings import section, setting
 from .depth import DepthCache
+from .diagnostics import falling_behind
 from .image_codec import numpy_to_image_msg
 from .markers import marker_array, MarkerTracker
 from .overlay import draw_overlay
@@ -297,7 +298,7 @@ class SegmentationNode(WorkerNode):
 
 
 def diagnostic_status(stats):
-    """ERROR after a failed frame, WARN while images arrive without a query, OK otherwise.
+    """ERROR after a failed frame, WARN while images arrive without a query or results fall behind, else OK.
 
     ERROR holds while the latest frame is bad and for the first report after any bad frame.
     """
@@ -305,6 +306,9 @@ def diagnostic_status(stats):
         return DiagnosticStatus.ERROR, f"frame failed: {stats['last_error']}"
     if not stats['queries'] and stats['received']:
         return DiagnosticStatus.WARN, 'images arrive but no query is set (publish one on the query topic)'
+    if stats['queries'] and falling_behind(stats):
+        return DiagnosticStatus.WARN, (f"results fall behind: the newest is {stats['result_age']:.1f} s old "
+                                       'while newer frames arrive (frames too large or too frequent?)')
     if not stats['queries']:
         return DiagnosticStatus.OK, 'waiting for a query and images'
     if not stats['received']:
