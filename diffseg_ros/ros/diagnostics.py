@@ -6,8 +6,9 @@ import time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
 LATENCY_WINDOW = 20
-# The node is falling behind when its newest result is older than this many mean compute latencies and
-# than STALE_MIN_S while newer frames keep arriving (e.g. frames far larger than the model's input).
+# The node falls behind when a frame handed to the worker has waited for a result longer than this many mean
+# compute latencies and STALE_MIN_S (e.g. frames far larger than the model's input). Measured on the
+# node's own clock: header stamps may come from a bag or a simulator.
 STALE_LATENCIES = 3
 STALE_MIN_S = 1.0
 
@@ -15,8 +16,10 @@ STALE_MIN_S = 1.0
 class NodeStats:
     """Thread-safe counters; callbacks and the worker thread update them, the timer reads them."""
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self._lock = threading.Lock()
+        self._clock = clock
+        self.waiting_since = None  # clock time of the first frame handed over after the last result
         self.received = 0          # image messages that arrived
         self.processed = 0         # frames segmented and published
         self.dropped = 0           # valid frames overwritten before the worker took them
@@ -26,7 +29,6 @@ class NodeStats:
         self.queries_rejected = 0
         self.latencies = deque(maxlen=LATENCY_WINDOW)
         self.last_stamp = None     # header.stamp (builtin_interfaces/Time) of the last processed frame
-        self.latest_stamp = None   # header.stamp of the newest image that arrived
         self.last_error = ''
         self.last_frame_failed = False
         self.failed_since_report = False   # so every failure shows in at least one ERROR report
@@ -39,12 +41,11 @@ class NodeStats:
         with self._lock:
             setattr(self, counter, getattr(self, counter) + amount)
 
-    def image_arrived(self, stamp):
-        """Count an image message and remember the newest stamp seen."""
+    def frame_pending(self):
+        """Note that a frame was handed to the worker (the wait for a result starts with the first one)."""
         with self._lock:
-            self.received += 1
-            if self.latest_stamp is None or _nanoseconds(stamp) > _nanoseconds(self.latest_stamp):
-                self.latest_stamp = stamp
+            if self.waiting_since is None:
+                self.waiting_since = self._clock()
 
     def frame_failed(self, counter, error):
         """Count a bad or failed frame and remember why."""
@@ -53,6 +54,7 @@ class NodeStats:
             self.last_error = error
             self.last_frame_failed = True
             self.failed_since_report = True
+            self.waiting_since = None
 
     def query_failed(self, error):
         with self._lock:
@@ -65,6 +67,7 @@ class NodeStats:
             self.latencies.append(latency)
             self.last_stamp = stamp
             self.last_frame_failed = False
+            self.waiting_since = None
 
     def set_queries(self, queries):
         with self._lock:
@@ -79,44 +82,35 @@ class NodeStats:
         with self._lock:
             self.learn = f"{status['request']!r}: {status['state']} {status['progress']:.0%}"
 
-    def report(self, now=None):
+    def report(self):
         """Consistent copy of every counter for one diagnostics report; starts a new report period.
 
-        With `now` (rclpy Time), 'result_age' holds now - the last result's stamp (s; None before any).
+        'result_wait' is how long (s) a handed-over frame has waited for a result (None when none waits).
         """
         with self._lock:
             copy = dict(vars(self))
             copy['latencies'] = list(self.latencies)
             self.failed_since_report = False
-        del copy['_lock']
-        copy['result_age'] = result_age(copy, now) if now is not None else None
+            copy['result_wait'] = None if self.waiting_since is None else self._clock() - self.waiting_since
+        del copy['_lock'], copy['_clock'], copy['waiting_since']
         return copy
 
 
-def _nanoseconds(stamp):
-    return stamp.sec * 10**9 + stamp.nanosec
-
-
-def result_age(stats, now):
-    """Return seconds from the last result's stamp to `now` (rclpy Time); None before any result."""
-    if stats['last_stamp'] is None:
-        return None
-    return (now.nanoseconds - _nanoseconds(stats['last_stamp'])) / 1e9
-
-
 def falling_behind(stats):
-    """Tell whether newer frames wait while the newest result is a few compute periods old (a report)."""
-    age, latencies = stats.get('result_age'), stats['latencies']
-    if age is None or not latencies or stats['latest_stamp'] is None:
+    """Tell whether a frame has waited for a result over STALE_LATENCIES mean latencies and STALE_MIN_S."""
+    wait, latencies = stats['result_wait'], stats['latencies']
+    if wait is None:
         return False
-    newer_frames = _nanoseconds(stats['latest_stamp']) > _nanoseconds(stats['last_stamp'])
-    return newer_frames and age > max(STALE_LATENCIES * sum(latencies) / len(latencies), STALE_MIN_S)
+    mean = sum(latencies) / len(latencies) if latencies else 0.0
+    return wait > max(STALE_LATENCIES * mean, STALE_MIN_S)
 
 
 def timing_values(stats, now):
     """Return the rolling inference latency and the result age (now - last result stamp) as report values."""
     latency = sum(stats['latencies']) / len(stats['latencies']) if stats['latencies'] else None
-    age = result_age(stats, now)
+    age = None
+    if stats['last_stamp'] is not None:
+        age = (now.nanoseconds - (stats['last_stamp'].sec * 10**9 + stats['last_stamp'].nanosec)) / 1e9
     return {'inference latency mean (s)': '' if latency is None else f'{latency:.3f}',
             'inference latency samples': len(stats['latencies']),
             'result age (s)': '' if age is None else f'{age:.3f}'}

@@ -306,9 +306,9 @@ def diagnostic_status(stats):
         return DiagnosticStatus.ERROR, f"frame failed: {stats['last_error']}"
     if not stats['queries'] and stats['received']:
         return DiagnosticStatus.WARN, 'images arrive but no query is set (publish one on the query topic)'
-    if stats['queries'] and falling_behind(stats):
-        return DiagnosticStatus.WARN, (f"results fall behind: the newest is {stats['result_age']:.1f} s old "
-                                       'while newer frames arrive (frames too large or too frequent?)')
+    if falling_behind(stats):
+        return DiagnosticStatus.WARN, (f"results fall behind: a frame has waited {stats['result_wait']:.1f} "
+                                       's for its result (frames too large or too frequent for this model?)')
     if not stats['queries']:
         return DiagnosticStatus.OK, 'waiting for a query and images'
     if not stats['received']:

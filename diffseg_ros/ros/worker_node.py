@@ -72,7 +72,7 @@ class WorkerNode(Node):
     # --- work -----------------------------------------------------------------------------------------
     def decode_image(self, msg, topic):
         """Count an image message and decode it to RGB; a bad one is reported and gives None."""
-        self.stats.image_arrived(msg.header.stamp)
+        self.stats.count('received')
         try:
             return to_rgb(msg)
         except ValueError as err:
@@ -83,6 +83,7 @@ class WorkerNode(Node):
         """Give the worker the newest frame; an unread older one is dropped (and counted)."""
         if self.mailbox.put('frame', frame):
             self.stats.count('dropped')
+        self.stats.frame_pending()
 
     def _work(self):
         while not self.mailbox.closed:
@@ -118,11 +119,11 @@ class WorkerNode(Node):
             self.get_logger().warning(text)
 
     def publish_diagnostics(self):
-        now = self.get_clock().now()
-        stats = self.stats.report(now)
+        stats = self.stats.report()
         self.diagnostics_pub.publish(build_diagnostics(
             self.STATUS_NAME, self.get_fully_qualified_name(), self.describe(), self.status(stats),
-            self.state_values(stats), self.counter_values(stats), stats, now, self.WAITING_LABEL))
+            self.state_values(stats), self.counter_values(stats), stats, self.get_clock().now(),
+            self.WAITING_LABEL))
 
     def describe(self):
         """Model facts for diagnostics: at least model, device, dtype."""
