@@ -128,20 +128,11 @@ def resolve(config, sd, model_defaults, instances=False):
                                  f'(known: {sorted(METHODS)})')
         crf_on = crf_on or bool(model_defaults.get('crf', False))
     own = model_defaults.get('methods', {}).get(method, {})
-    papers = default_layers(sd.unet, method)
     words = tuple(config.background_words or model_defaults.get('background_words', DEFAULT_BACKGROUND_WORDS))
+    # model-derived sizes are used as they are (a 32-px model is not a user error), at least one padded cell
     image_size = config.image_size or max(int(model_defaults.get('image_size') or sd.native_image_size),
                                           sd.pad_multiple)
-    cross = resolve_layers(sd.unet, list(cross) or own.get('cross') or papers['cross'])
-    self_chosen = bool(selfs)
-    selfs = resolve_layers(sd.unet, list(selfs) or own.get('self', papers['self']))
-    if method == 't2m' and not selfs:
-        raise (ValueError if config.method else ModelLoadError)(
-            "method t2m needs self-attention, and this UNet's attention blocks have none; use method cross")
-    budget = AttentionBudget(sd, image_size, config.noise_samples if method == 't2m' else 1,
-                             config.max_attention_mb)
-    user_set = self_chosen or bool(config.cross_layers or config.image_size or config.noise_samples > 1)
-    selfs = budget.fit(cross, selfs, movable=not self_chosen, user_set=user_set)
+    cross, selfs = resolve_attention(config, sd, method, own, (cross, selfs), image_size)
     return Resolved(
         method=method, crf=crf_on,
         timestep=timestep if timestep >= 0 else own.get('timestep', METHODS[method].DEFAULT_TIMESTEP),
@@ -149,6 +140,24 @@ def resolve(config, sd, model_defaults, instances=False):
         min_image_size=config.min_image_size or (min(sd.native_image_size, image_size) if instances else 0),
         cross_layers=tuple(cross), self_layers=tuple(selfs),
         background_words=() if instances else words, stuff_words=words)
+
+
+def resolve_attention(config, sd, method, own, chosen, image_size):
+    """Return (cross, self) layer module names: chosen, else the model's, else the papers', within budget.
+
+    chosen: the (cross, self) layers the config asks for (empty = default); own: the model's per-method
+    recommendations. Default self layers over max_attention_mb move to coarser levels; chosen ones fail.
+    """
+    papers = default_layers(sd.unet, method)
+    cross = resolve_layers(sd.unet, list(chosen[0]) or own.get('cross') or papers['cross'])
+    selfs = resolve_layers(sd.unet, list(chosen[1]) or own.get('self', papers['self']))
+    if method == 't2m' and not selfs:
+        raise (ValueError if config.method else ModelLoadError)(
+            "method t2m needs self-attention, and this UNet's attention blocks have none; use method cross")
+    budget = AttentionBudget(sd, image_size, config.noise_samples if method == 't2m' else 1,
+                             config.max_attention_mb)
+    user_set = bool(chosen[1] or chosen[0] or config.image_size or config.noise_samples > 1)
+    return cross, budget.fit(cross, selfs, movable=not chosen[1], user_set=user_set)
 
 
 class AttentionBudget:
