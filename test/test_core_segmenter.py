@@ -85,12 +85,13 @@ def test_stableseg_merges_multi_token_names_into_one():
 
 
 @pytest.mark.parametrize('method', ['t2m', 'stableseg', 'cross'])
-def test_segment_outputs_at_input_resolution(model_dir, method):
+def test_segment_outputs_labels_at_frame_and_probabilities_at_input_size(model_dir, method):
     seg = Segmenter(SegmenterConfig(model_path=model_dir, method=method, image_size=64))
     kept = seg.set_queries(['red mug', 'blue bottle'])
     assert kept.queries == ['red mug', 'blue bottle'] and not kept.truncated
     result = seg.segment(frame(48, 80))
-    assert result.probabilities.shape == (2, 48, 80) and result.probabilities.dtype == np.float32
+    assert result.probabilities.shape == (2, 38, 64) and result.probabilities.dtype == np.float32
+    assert len(result.scores) == 2 and all(0 <= s <= 1 for s in result.scores)
     assert result.labels.shape == (48, 80) and result.labels.dtype == np.uint8 and result.labels.max() <= 2
     assert result.masks.shape == (2, 48, 80)
     assert np.array_equal(result.masks[1], result.labels == 2)

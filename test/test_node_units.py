@@ -130,6 +130,28 @@ def test_diagnostics_error_shows_in_the_next_report_then_clears():
     assert values['result age (s)'] == '0.500' and values['inference latency mean (s)'] == '0.250'
 
 
+def test_diagnostics_warn_when_a_frame_waits_over_a_few_compute_periods():
+    now = [0.0]
+    stats = NodeStats(clock=lambda: now[0])
+    stats.set_queries(['mug'])
+    stats.count('received')
+    stats.frame_pending()
+    now[0] = 0.9
+    assert report(stats)[0] == 'OK'                    # under the 1-s floor
+    stats.frame_done(Time(sec=1), 0.5)
+    now[0] = 60.0
+    assert report(stats)[0] == 'OK'                    # no frame waits: the camera went quiet
+    stats.frame_pending()
+    now[0] = 61.4
+    assert report(stats)[0] == 'OK'                    # 1.4 s <= 3 x 0.5 s mean latency
+    stats.frame_pending()                              # a newer frame replaces it: the wait goes on
+    now[0] = 61.6
+    level, _, status = report(stats)
+    assert level == 'WARN' and 'waited 1.6 s' in status.message
+    stats.frame_done(Time(sec=2), 0.5)
+    assert report(stats)[0] == 'OK'                    # caught up
+
+
 def test_diagnostics_latency_is_the_mean_of_the_last_20():
     stats = NodeStats()
     for latency in [10.0] * 5 + [1.0] * 20:

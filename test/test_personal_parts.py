@@ -83,9 +83,7 @@ def test_centre_point_none_without_valid_depth():
 def test_semantic_masks_become_instances_and_back():
     labels = np.zeros((6, 6), np.uint8)
     labels[:3], labels[3:, :2] = 1, 2
-    probabilities = np.stack([np.full((6, 6), 0.7), np.full((6, 6), 0.4), np.full((6, 6), 0.9)])
-    result = SimpleNamespace(queries=['mug', 'bottle', 'cup'], labels=labels,
-                             probabilities=probabilities.astype(np.float32))
+    result = SimpleNamespace(queries=['mug', 'bottle', 'cup'], labels=labels, scores=[0.7, 0.4, 0.9])
     instances, queries = semantic_instances(result)
     assert instances.dtype == np.uint16 and np.array_equal(instances, labels)
     assert [q.instance_id for q in queries] == [1, 2, 0]
@@ -394,10 +392,11 @@ def test_engine_learn_flow_from_request_to_installed_concept(engine, monkeypatch
 
 def test_instance_path_runs_t2m_on_frames_at_their_own_size_from_the_training_size(tiny_model_dir):
     config = SegmenterConfig(model_path=tiny_model_dir, method='cross', timestep=3, cross_layers=(1,))
-    engine = QueryEngine(EngineConfig(config))
-    sd = engine.segmenter.sd
+    sd = QueryEngine(EngineConfig(config)).segmenter.sd
     native = sd.native_image_size
-    assert native < engine.segmenter.settings.image_size == 512     # the tiny model has no defaults file
+    assert Segmenter(config, components=sd).settings.image_size == native    # no defaults file: its own size
+    config = replace(config, image_size=512)
+    engine = QueryEngine(EngineConfig(config))
     seg = engine.personal.seg
     instance, papers = seg.settings, Segmenter(replace(config, method='t2m', timestep=-1, cross_layers=()),
                                                components=sd).settings

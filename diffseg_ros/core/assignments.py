@@ -17,10 +17,10 @@ SCHEMA_FILE = 'assignments.schema.json'   # in the package's config folder
 def semantic_instances(result):
     """Instances of a SegmentationResult: query k's mask is instance k; returns (uint16, [QueryResult])."""
     queries = []
+    present = np.bincount(result.labels.ravel(), minlength=len(result.queries) + 1) > 0
     for label, text in enumerate(result.queries, start=1):
-        mask = result.labels == label
-        score = float(result.probabilities[label - 1][mask].mean()) if mask.any() else 0.0
-        instance_id = label if mask.any() else 0
+        score = result.scores[label - 1] if present[label] else 0.0
+        instance_id = label if present[label] else 0
         queries.append(QueryResult(text, text, '', '', instance_id=instance_id, score=score,
                                    alone_instance_id=instance_id, alone_score=score))
     return result.labels.astype(np.uint16), queries

@@ -44,6 +44,11 @@ def has_self_attention(unet, name):
     return not block.only_cross_attention
 
 
+def attention_heads(unet, name):
+    """Return the head count of a transformer block (its first transformer's cross-attention)."""
+    return dict(unet.named_modules())[name].transformer_blocks[0].attn2.heads
+
+
 def resolve_layers(unet, layers):
     """Map layer ids (forward-order indices or module names) to transformer module names."""
     names = [name for name, _ in transformer_blocks(unet)]

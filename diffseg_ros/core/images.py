@@ -2,7 +2,9 @@
 
 `to_pixels` is the one uint8 -> [-1, 1] conversion (segmentation, Custom Diffusion, training, LDMSeg);
 `ImageProcessor` resizes a frame to the model's input size and pads it to the UNet's multiple, and maps
-score maps over that padded input back to the frame.
+score maps over that padded input back to the resized frame. Everything heavy works at that bounded size;
+only final label images go back to the frame's size (`resize_labels`, nearest), so a 12-megapixel frame
+costs about what a VGA one does.
 """
 from dataclasses import dataclass
 
@@ -36,6 +38,16 @@ def resize(maps, size, mode='bilinear'):
     return F.interpolate(maps, size=size, mode=mode, **kwargs)
 
 
+def resize_labels(labels, size):
+    """Nearest-neighbour resize of a label image [h, w] (any dtype) to size (H, W), pixel centres aligned."""
+    h, w = labels.shape[:2]
+    if (h, w) == tuple(size):
+        return labels
+    rows = ((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64)
+    cols = ((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64)
+    return labels[rows[:, None], cols[None, :]]
+
+
 @dataclass(frozen=True)
 class ModelInput:
     """Where a frame sits inside the padded model input."""
@@ -52,26 +64,38 @@ class ImageProcessor:
         self.pad_multiple = pad_multiple
         self.vae_scale_factor = vae_scale_factor
 
-    def preprocess(self, rgb, long_side):
-        """RGB uint8 [H, W, 3] -> (pixels [1, 3, h', w'] in [-1, 1], ModelInput)."""
+    @staticmethod
+    def fit(rgb, long_side):
+        """Resize an RGB uint8 frame keeping aspect so that its long side is `long_side`."""
         h, w = rgb.shape[:2]
         scale = long_side / max(h, w)
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        resized = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+    def pad(self, resized, frame_size):
+        """Pad a fitted frame to the UNet's multiple -> (pixels [1, 3, h', w'] in [-1, 1], ModelInput)."""
         m = self.pad_multiple
-        pad_h, pad_w = -size[1] % m, -size[0] % m
-        padded = cv2.copyMakeBorder(resized, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
-        where = ModelInput((size[1], size[0]), padded.shape[:2], (h, w))
+        padded = cv2.copyMakeBorder(resized, 0, -resized.shape[0] % m, 0, -resized.shape[1] % m,
+                                    cv2.BORDER_REPLICATE)
+        where = ModelInput(resized.shape[:2], padded.shape[:2], tuple(frame_size))
         return to_pixels(padded)[None], where
+
+    def preprocess(self, rgb, long_side):
+        """RGB uint8 [H, W, 3] -> (pixels [1, 3, h', w'] in [-1, 1], ModelInput)."""
+        return self.pad(self.fit(rgb, long_side), rgb.shape[:2])
 
     def latent_size(self, where):
         """Latent (h, w) of the padded input."""
         return tuple(d // self.vae_scale_factor for d in where.padded)
 
+    @staticmethod
+    def to_input(maps, where):
+        """Scores [C, h, w] over the padded input -> [C, h', w'] over the resized frame (bilinear)."""
+        return resize(maps[None].float(), where.padded)[0, :, :where.valid[0], :where.valid[1]]
+
     def postprocess(self, maps, where):
-        """Scores [C, h, w] over the padded input -> [C, H, W] at the frame's resolution."""
-        full = resize(maps[None].float(), where.padded)[0, :, :where.valid[0], :where.valid[1]]
-        return resize(full[None], where.frame)[0]
+        """Scores [C, h, w] over the padded input -> [C, H, W] at the frame's resolution (tools only)."""
+        return resize(self.to_input(maps, where)[None], where.frame)[0]
 
     @staticmethod
     def cells_inside(where, size):

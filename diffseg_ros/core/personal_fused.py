@@ -6,7 +6,8 @@ Per frame:
    table, and floor." One VAE encode + one UNet forward captures the cross-attention of the evidence layers,
    the self-attention of one layer and the decoder features (forward hooks).
 2. Class-agnostic proposals (core/proposals.py) from the objectness of that forward (phrases vs stuff
-   words), GrabCut at input resolution and self-attention merging of edge-following superpixels.
+   words), GrabCut at the model's input size (all per-pixel work is; only the final instance image is
+   resized to the frame) and self-attention merging of edge-following superpixels.
 3. Per concept query and proposal: subject (concept token), context (the query's other words), class (the
    class word) -- mean cross-attention inside the proposal -- and appearance (prototype similarity of the
    proposal's pooled decoder features); standardised over the frame's proposals and added with weights
@@ -27,7 +28,7 @@ import torch
 from .appearance import (FEATURE_LAYERS, PROTOTYPE_SCALES, AppearanceError, FeatureCapture, Prototypes,
                          feature_map, grid_weights, load_prototypes, pool, rescale_view)
 from .fusion import EVIDENCES, Calibration, assign, fuse, standardise_all
-from .images import check_rgb
+from .images import check_rgb, resize_labels
 from .instances import (add_plain_instance, describe_segments, InstanceQuery, InstanceResult, QueryResult,
                         resolve_query, unique)
 from .methods.common import query_cross_maps
@@ -114,39 +115,36 @@ class FusedPersonalSegmenter:
         return dict(kept=kept, frame=frame, features=features.features, prompt=self.seg.prompt)
 
     def token_maps(self, read, groups):
-        """Mean cross-attention of token groups (lists of prompt positions) at frame size [G, H, W]."""
+        """Mean cross-attention of token groups (lists of prompt positions) at input size [G, h, w]."""
         frame = read['frame']
         sizes = [frame.capture.layer_size(frame.capture.cross[n].shape[1]) for n in self.evidence_layers]
         finest = max(sizes, key=lambda s: s[0] * s[1])
         groups = [g if len(g) else [0] for g in groups]
         maps = query_cross_maps(frame.capture, self.evidence_layers, groups, finest).mean(0)     # [G, h, w]
-        return self.seg.to_image(maps, frame).numpy()
+        return self.seg.to_input(maps, frame).numpy()
 
     def attention(self, read):
-        """Return the proposal layer's self-attention and each frame pixel's place on its grid.
+        """Return the proposal layer's self-attention and each input pixel's place on its grid.
 
-        Head- and noise-mean attention [HW, HW] (rows = queries); bilinear neighbours (index, weight
-        [H, W, 4]).
+        Head- and noise-mean attention [HW, HW] (rows = queries), summed head by head so that at most two
+        such matrices exist (what the attention budget counts); bilinear neighbours (index, weight
+        [h, w, 4]) of the pixels of the frame at input size.
         """
         frame = read['frame']
         layer = frame.capture.self_qk[self.self_layer]
         q, k = layer.q.float(), layer.k.float()
         total = 0
         for b in range(q.shape[0]):
-            total = total + torch.softmax(q[b] @ k[b].transpose(-1, -2) * layer.scale, -1).mean(0)
-        cells = bilinear_cells(frame.where.frame, frame.where.valid, frame.where.padded, layer.size)
-        return total / q.shape[0], cells
+            for head in range(q.shape[1]):
+                total = total + torch.softmax(q[b, head] @ k[b, head].T * layer.scale, -1)
+        cells = bilinear_cells(frame.where.valid, frame.where.valid, frame.where.padded, layer.size)
+        return total / (q.shape[0] * q.shape[1]), cells
 
     def attention_maps(self, read):
-        """Return the same attention as per-pixel rows [K, H, W] (bilinear in the query position)."""
+        """Return the same attention as per-pixel rows [K, h, w] at input size (bilinear in the query)."""
         attention, _ = self.attention(read)
         layer = read['frame'].capture.self_qk[self.self_layer]
-        return self.seg.to_image(attention.T.reshape(-1, *layer.size), read['frame'])
-
-    def input_scale(self, read):
-        """Model-input pixels per frame pixel."""
-        where = read['frame'].where
-        return where.valid[0] / where.frame[0]
+        return self.seg.to_input(attention.T.reshape(-1, *layer.size), read['frame'])
 
     # --- a frame --------------------------------------------------------------------------------
     def segment(self, rgb, queries, weights=None, evidences=EVIDENCES):
@@ -162,6 +160,7 @@ class FusedPersonalSegmenter:
         plain = unique(q.prompt for q in queries if not q.class_word)
         phrases = unique(class_words + [q.prompt for q in assigned] + plain)
         read = self.forward(rgb, phrases)
+        image = read['frame'].image            # per-pixel work happens on the frame at the model's input size
         t_forward = time.perf_counter()
         kept, prompt = read['kept'], read['prompt']
         warnings = list(kept.warnings)
@@ -206,13 +205,13 @@ class FusedPersonalSegmenter:
         if self.config.object_words == 'all' or not things:
             things += [maps[i] for (kind, _), i in index.items() if kind == 'phrase']
         stuff = [maps[index[('stuff', w)]] for w in self.stuff_words if span_of.get(w)]
-        objectness_map = objectness(np.stack(things) if things else np.zeros((1, *rgb.shape[:2])),
+        objectness_map = objectness(np.stack(things) if things else np.zeros((1, *image.shape[:2])),
                                     np.stack(stuff) if stuff else None)
         attention, cells = self.attention(read)
-        if rgb.shape[0] * rgb.shape[1] * len(attention) <= DENSE_ROWS_LIMIT:   # validated form (SynthMug)
-            proposals = propose(rgb, objectness_map, self.attention_maps(read), self.config.proposals)
-        else:                                                # large frames: bilinear weights, sparse
-            proposals = propose(rgb, objectness_map, attention, self.config.proposals, cells)
+        if image.shape[0] * image.shape[1] * len(attention) <= DENSE_ROWS_LIMIT:   # validated form (SynthMug)
+            proposals = propose(image, objectness_map, self.attention_maps(read), self.config.proposals)
+        else:                                                # large inputs: bilinear weights, sparse
+            proposals = propose(image, objectness_map, attention, self.config.proposals, cells)
         count = proposals.count
         t_props = time.perf_counter()
         means = region_means(maps, proposals.labels, count) if count else np.zeros((len(maps), 0))
@@ -226,7 +225,7 @@ class FusedPersonalSegmenter:
             feature = feature_map(read['features'], self.config.feature_layers)
             weights_grid = grid_weights(masks, tuple(feature.shape[-2:]), where.padded, where.valid)
             pooled = pool(feature, weights_grid)
-            sizes = [_long_side(m) * self.input_scale(read) for m in masks]
+            sizes = [_long_side(m) for m in masks]
         t_app = time.perf_counter()
 
         # evidence, fusion, assignment
@@ -280,6 +279,7 @@ class FusedPersonalSegmenter:
         # plain queries: T2M SelfCross masks from the same forward, on pixels no proposal holds
         if plain:
             self._add_plain(read, plain, queries, results, instances, segments)
+        instances = self.seg.to_frame(instances, read['frame'])
         describe_segments(instances, results, segments)
         timings = dict(forward=t_forward - start, maps=t_maps - t_forward, proposals=t_props - t_maps,
                        appearance=t_app - t_props, assignment=t_assign - t_app)
@@ -295,7 +295,7 @@ class FusedPersonalSegmenter:
         spans = [read['prompt'].spans[read['kept'].queries.index(p)] for p in kept]
         if not kept:
             return
-        labels = self.seg.to_image(self.seg.scores(frame, spans), frame).argmax(0).numpy()
+        labels = self.seg.to_input(self.seg.scores(frame, spans), frame).argmax(0).numpy()
         for k, prompt in enumerate(kept):
             add_plain_instance(labels == k + 1, prompt, queries, results, instances, segments)
 
@@ -304,14 +304,14 @@ class FusedPersonalSegmenter:
 def object_mask(fused, rgb, class_word):
     """Return the class word's best proposal in a view of one object (prototypes without a given mask)."""
     result = fused.segment(rgb, [InstanceQuery(class_word, class_word)], evidences=())
-    proposals = result.proposals
+    proposals = result.proposals                # at the model's input size
     if proposals.count == 0:
-        return proposals.foreground if proposals.foreground.any() else None
+        return resize_labels(proposals.foreground, rgb.shape[:2]) if proposals.foreground.any() else None
     read_maps = proposals.objectness
     means = region_means(read_maps[None], proposals.labels, proposals.count)[0]
     sizes = np.bincount(proposals.labels.ravel(), minlength=proposals.count + 1)[1:]
     best = int(np.argmax(means * (sizes >= fused.config.proposals.min_pixels)))
-    return proposals.labels == best + 1
+    return resize_labels(proposals.labels == best + 1, rgb.shape[:2])
 
 
 def extract_prototypes(fused, views, class_word, masks=None, scales=PROTOTYPE_SCALES, canvas=None):

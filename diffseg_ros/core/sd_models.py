@@ -77,6 +77,7 @@ def load_sd_components(model_path='', device='cpu', dtype='float32'):
     """Load tokenizer, text encoder, VAE, UNet and scheduler from a local folder with no network access."""
     path = resolve_model_path(model_path, EMBEDDED_NAME)
     require_complete(path, REQUIREMENTS, 'Stable Diffusion')
+    refuse_unsupported_layout(path)
     dtype, dev = torch_dtype(dtype), torch.device(device)
     kwargs = dict(local_files_only=True, torch_dtype=dtype)
     try:
@@ -89,9 +90,37 @@ def load_sd_components(model_path='', device='cpu', dtype='float32'):
             path=path, device=dev, dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f'could not load Stable Diffusion from {path}: {err}') from err
+    check_parts_fit(components)
     for module in (components.text_encoder, components.vae, components.unet):
         module.to(dev).eval().requires_grad_(False)
     return components
+
+
+def refuse_unsupported_layout(path):
+    """Raise ModelLoadError for UNets conditioned on more than one text encoder's tokens (SDXL and kin)."""
+    try:
+        with open(os.path.join(path, 'unet', 'config.json'), encoding='utf-8') as f:
+            unet = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f'unreadable {path}/unet/config.json: {err}') from None
+    extra = {key: unet.get(key) for key in ('addition_embed_type', 'class_embed_type', 'encoder_hid_dim_type')
+             if unet.get(key)}
+    if extra or os.path.isdir(os.path.join(path, 'text_encoder_2')):
+        what = ', '.join(f'{k}={v!r}' for k, v in extra.items()) or 'a second text encoder'
+        raise ModelLoadError(f'{path} is an SDXL-style model ({what}); only the SD 1.x / 2.x layout (one '
+                             'text encoder, UNet conditioned on its tokens only) is supported')
+
+
+def check_parts_fit(parts):
+    """Raise ModelLoadError when the loaded parts cannot run together (text width, latent channels)."""
+    unet, text, vae = parts.unet.config, parts.text_encoder.config, parts.vae.config
+    if unet.cross_attention_dim != text.hidden_size:
+        raise ModelLoadError(f'{parts.path}: the UNet attends to {unet.cross_attention_dim}-wide text '
+                             'features '
+                             f'but the text encoder gives {text.hidden_size}')
+    if unet.in_channels != vae.latent_channels:
+        raise ModelLoadError(f'{parts.path}: the UNet takes {unet.in_channels} channels but the VAE gives '
+                             f'{vae.latent_channels}')
 
 
 def save_sd_components(components, out_dir, half=False):

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from . import crf
-from .attention import AttentionCapture, has_self_attention, resolve_layers, transformer_blocks
-from .images import check_rgb, ImageProcessor
+from .attention import AttentionCapture, attention_heads, has_self_attention, resolve_layers, \
+    transformer_blocks
+from .images import check_rgb, ImageProcessor, resize_labels
 from .methods import METHODS
 from .model_folder import ModelConfig, ModelLoadError
 from .prompts import DEFAULT_BACKGROUND_WORDS, compose_prompt
@@ -67,6 +68,10 @@ class SegmenterConfig(ModelConfig):
                                     low=0.0, high=1.0, open=('high',), runtime=True)
     crf: bool = setting(False, "refine masks with a dense CRF (slower); method '' may turn it on as the "
                                'model recommends')
+    max_attention_mb: int = setting(512, 'memory budget of the attention a frame captures and its method '
+                                         'forms (checked at start); default layers over it move to a '
+                                         'coarser level, chosen layers over it are refused', low=1,
+                                    high=1_000_000)
 
 
 @dataclass(frozen=True)
@@ -123,17 +128,78 @@ def resolve(config, sd, model_defaults, instances=False):
                                  f'(known: {sorted(METHODS)})')
         crf_on = crf_on or bool(model_defaults.get('crf', False))
     own = model_defaults.get('methods', {}).get(method, {})
-    papers = default_layers(sd.unet, method)
     words = tuple(config.background_words or model_defaults.get('background_words', DEFAULT_BACKGROUND_WORDS))
-    cross = list(cross) or own.get('cross') or papers['cross']
-    selfs = list(selfs) or own.get('self', papers['self'])
+    # model-derived sizes are used as they are (a 32-px model is not a user error), at least one padded cell
+    image_size = config.image_size or max(int(model_defaults.get('image_size') or sd.native_image_size),
+                                          sd.pad_multiple)
+    cross, selfs = resolve_attention(config, sd, method, own, (cross, selfs), image_size)
     return Resolved(
         method=method, crf=crf_on,
         timestep=timestep if timestep >= 0 else own.get('timestep', METHODS[method].DEFAULT_TIMESTEP),
-        image_size=config.image_size or model_defaults.get('image_size', 512),
-        min_image_size=config.min_image_size or (sd.native_image_size if instances else 0),
-        cross_layers=tuple(resolve_layers(sd.unet, cross)), self_layers=tuple(resolve_layers(sd.unet, selfs)),
+        image_size=image_size,
+        min_image_size=config.min_image_size or (min(sd.native_image_size, image_size) if instances else 0),
+        cross_layers=tuple(cross), self_layers=tuple(selfs),
         background_words=() if instances else words, stuff_words=words)
+
+
+def resolve_attention(config, sd, method, own, chosen, image_size):
+    """Return (cross, self) layer module names: chosen, else the model's, else the papers', within budget.
+
+    chosen: the (cross, self) layers the config asks for (empty = default); own: the model's per-method
+    recommendations. Default self layers over max_attention_mb move to coarser levels; chosen ones fail.
+    """
+    papers = default_layers(sd.unet, method)
+    cross = resolve_layers(sd.unet, list(chosen[0]) or own.get('cross') or papers['cross'])
+    selfs = resolve_layers(sd.unet, list(chosen[1]) or own.get('self', papers['self']))
+    if method == 't2m' and not selfs:
+        raise (ValueError if config.method else ModelLoadError)(
+            "method t2m needs self-attention, and this UNet's attention blocks have none; use method cross")
+    budget = AttentionBudget(sd, image_size, config.noise_samples if method == 't2m' else 1,
+                             config.max_attention_mb)
+    user_set = bool(chosen[1] or chosen[0] or config.image_size or config.noise_samples > 1)
+    return cross, budget.fit(cross, selfs, movable=not chosen[1], user_set=user_set)
+
+
+class AttentionBudget:
+    """The memory a frame's attention costs, estimated from the UNet's structure before any capture.
+
+    Sizes are those of the largest input (a square frame at image_size); per noise draw, float32:
+    cross-attention probabilities per head [heads, HW, tokens] and, per self-attention layer, one head-mean
+    map [HW, HW] (the instance path forms it; the methods multiply with it).
+    """
+
+    def __init__(self, sd, image_size, batch, max_mb):
+        self.sd, self.image_size, self.batch, self.max_mb = sd, image_size, batch, max_mb
+        self.levels = dict(transformer_blocks(sd.unet))
+        multiple = sd.pad_multiple
+        self.latent_side = -(-image_size // multiple) * multiple // sd.vae_scale_factor
+
+    def positions(self, name):
+        """Return how many feature-map cells (h * w) a transformer block has at the largest input."""
+        return (self.latent_side // 2 ** self.levels[name]) ** 2
+
+    def megabytes(self, cross, selfs):
+        """Estimated MB of the capture of these cross and self layers (module names)."""
+        tokens = self.sd.tokenizer.model_max_length
+        values = sum(attention_heads(self.sd.unet, n) * self.positions(n) * tokens for n in cross)
+        values += sum(self.positions(n) ** 2 for n in selfs)
+        return 4 * self.batch * values / 2 ** 20
+
+    def fit(self, cross, selfs, movable, user_set):
+        """Return self layers within max_attention_mb, moved to coarser levels when `movable`, or raise.
+
+        The error is a ValueError when the user set what made it too large (`user_set`), else ModelLoadError.
+        """
+        while self.megabytes(cross, selfs) > self.max_mb:
+            coarser = coarser_self_layers(self.sd.unet, selfs) if movable else None
+            if not coarser:
+                error = ValueError if user_set else ModelLoadError
+                raise error(f'the attention of a {self.image_size}-px input would take about '
+                            f'{self.megabytes(cross, selfs):.0f} MB (cross layers {len(cross)}, self layers '
+                            f'{list(selfs)}), over max_attention_mb {self.max_mb}; choose a smaller '
+                            'image_size, coarser layers or a larger max_attention_mb')
+            selfs = coarser
+        return selfs
 
 
 @dataclass
@@ -161,14 +227,16 @@ class FrameAttention:
     spans: list                  # token positions of each active query
     where: object                # images.ModelInput: where the frame sits in the padded model input
     timings: dict
+    image: np.ndarray = field(repr=False, default=None)   # uint8 [h, w, 3]: the frame at the input size
 
 
 @dataclass
 class SegmentationResult:
     queries: list
-    probabilities: np.ndarray    # float32 [K, H, W]
-    labels: np.ndarray           # uint8 [H, W]: 0 background, k = k-th query
+    probabilities: np.ndarray    # float32 [K, h, w] at the model's input size (the frame resized)
+    labels: np.ndarray           # uint8 [H, W] at the frame's size: 0 background, k = k-th query
     masks: np.ndarray            # bool [K, H, W]
+    scores: list                 # per query: mean probability inside its mask (0 without one)
     timings: dict
 
 
@@ -263,10 +331,10 @@ class Segmenter:
             self.set_queries(queries)
         frame = self.attend(rgb)
         start = time.perf_counter()
-        full = self.to_image(self.scores(frame), frame)
+        scores = self.to_input(self.scores(frame), frame)      # at the model's input size, not the frame's
         if self.settings.crf:
-            full = torch.from_numpy(crf.refine(check_rgb(rgb), full.clamp(0, 1).numpy()))
-        result = self._postprocess(full)
+            scores = torch.from_numpy(crf.refine(frame.image, scores.clamp(0, 1).numpy()))
+        result = self._postprocess(scores, frame)
         result.timings = dict(frame.timings, post=time.perf_counter() - start)
         result.timings['total'] = sum(result.timings.values())
         return result
@@ -284,7 +352,8 @@ class Segmenter:
         selfs = s.self_layers if self_layers is None else self_layers
         start = time.perf_counter()
         with torch.inference_mode():
-            pixels, where = self.images.preprocess(rgb, self.input_size(max(rgb.shape[:2])))
+            resized = self.images.fit(rgb, self.input_size(max(rgb.shape[:2])))
+            pixels, where = self.images.pad(resized, rgb.shape[:2])
             latents = self._noised(self.encode(pixels.to(self.sd.device, self.sd.dtype)))
             encoded = time.perf_counter()
             text = self.prompt.embeddings.expand(len(latents), -1, -1)
@@ -292,7 +361,7 @@ class Segmenter:
             with AttentionCapture(self.sd.unet, cross, selfs) as capture:
                 capture.run(latents, timesteps, text)
         timings = dict(encode=encoded - start, unet=time.perf_counter() - encoded)
-        return FrameAttention(capture, self.prompt.spans, where, timings)
+        return FrameAttention(capture, self.prompt.spans, where, timings, resized)
 
     def scores(self, frame, spans=None):
         """Return the method's scores [K+1, h, w] (channel 0: background) for the frame's or given spans."""
@@ -301,9 +370,18 @@ class Segmenter:
                                   cross_layers=s.cross_layers, self_layers=s.self_layers, tau=c.tau,
                                   background_threshold=c.background_threshold, box_threshold=c.box_threshold)
 
+    def to_input(self, maps, frame):
+        """Map scores [C, h, w] over the padded model input to [C, h', w'] over the frame at input size."""
+        return self.images.to_input(maps, frame.where)
+
     def to_image(self, maps, frame):
-        """Map scores [C, h, w] over the padded model input to [C, H, W] at the frame's resolution."""
+        """Map scores [C, h, w] over the padded model input to [C, H, W] at the frame's resolution (tools)."""
         return self.images.postprocess(maps, frame.where)
+
+    @staticmethod
+    def to_frame(labels, frame):
+        """Resize a label image at the model's input size to the frame's size (nearest)."""
+        return resize_labels(labels, frame.where.frame)
 
     def cells_inside(self, frame, size):
         """Bool [h, w]: cells of a size-(h, w) grid over the model input whose centre lies in the frame."""
@@ -330,34 +408,64 @@ class Segmenter:
         return self.sd.scheduler.add_noise(latent.expand(len(noise), -1, -1, -1), noise.to(latent),
                                            torch.tensor([timestep]))
 
-    def _postprocess(self, full):
-        """Scores [K+1, H, W] (channel 0 background) -> probabilities, labels and masks."""
-        full = full.clamp(0, 1)
-        labels = full.argmax(0)
+    def _postprocess(self, scores, frame):
+        """Scores [K+1, h, w] at input size (channel 0 background) -> probabilities, frame-size labels."""
+        scores = scores.clamp(0, 1)
+        labels = scores.argmax(0)
         if self.config.mask_threshold > 0:
-            labels[full.max(0).values < self.config.mask_threshold] = 0
-        masks = torch.stack([labels == i + 1 for i in range(full.shape[0] - 1)])
-        return SegmentationResult(list(self.prompt.queries), full[1:].numpy().astype(np.float32),
-                                  labels.numpy().astype(np.uint8), masks.numpy(), {})
+            labels[scores.max(0).values < self.config.mask_threshold] = 0
+        probabilities = scores[1:].numpy().astype(np.float32)
+        labels = labels.numpy().astype(np.uint8)
+        query_scores = [float(p[labels == k + 1].mean()) if (labels == k + 1).any() else 0.0
+                        for k, p in enumerate(probabilities)]
+        labels = self.to_frame(labels, frame)
+        masks = labels[None] == np.arange(1, len(probabilities) + 1, dtype=np.uint8)[:, None, None]
+        return SegmentationResult(list(self.prompt.queries), probabilities, labels, masks, query_scores, {})
 
 
 def default_layers(unet, method):
-    """Return the papers' layer choices, expressed for any UNet by resolution level (0 = latent size).
+    """Return the papers' layer choices, expressed for any UNet by its structure (level 0 = latent size).
 
-    stableseg / cross: cross-attention of the two coarsest attention levels (<= 16 at 512 px for SD);
-    self keys of all layers. t2m: T2M's indices on SD 1.x; otherwise the coarse levels for cross and the
-    middle up-path block one level below the latent size for self.
+    stableseg / cross: cross-attention of the two coarsest levels that have attention (<= 16 at 512 px for
+    SD); stableseg: self keys of all layers. t2m: T2M's indices on the SD 1.x UNet; otherwise the coarse
+    cross layers and one up-path self-attention block at the level nearest one below the latent size.
     """
     blocks = transformer_blocks(unet)
-    top = max(level for _, level in blocks)
-    coarse = [i for i, (_, level) in enumerate(blocks) if level >= top - 1]
-    with_self = [i for i, (name, _) in enumerate(blocks) if has_self_attention(unet, name)]
+    if not blocks:
+        raise ModelLoadError('the UNet has no attention blocks: there is no attention to segment from')
+    levels = sorted({level for _, level in blocks})
+    coarse = [name for name, level in blocks if level in levels[-2:]]
+    with_self = [name for name, _ in blocks if has_self_attention(unet, name)]
     if method != 't2m':
         return {'cross': coarse, 'self': with_self if method == 'stableseg' else []}
-    if len(blocks) == 16 and [lv for _, lv in blocks][11] == 1:
+    if len(blocks) == 16 and blocks[11][1] == 1:
         return dict(SD_T2M_LAYERS)
-    up = [i for i in with_self if blocks[i][0].startswith('up_blocks') and blocks[i][1] == min(1, top)]
-    return {'cross': coarse, 'self': [up[len(up) // 2]]}
+    return {'cross': coarse, 'self': self_layer_near(unet, 1)}
+
+
+def self_layer_near(unet, target, coarser_than=-1):
+    """Return one self-attention block at the level nearest `target` (ties: the coarser), up path first.
+
+    [] when the UNet has no self-attention coarser than `coarser_than`.
+    """
+    blocks = [(name, level) for name, level in transformer_blocks(unet)
+              if level > coarser_than and has_self_attention(unet, name)]
+    if not blocks:
+        return []
+    best = min(blocks, key=lambda block: (abs(block[1] - target), -block[1]))[1]
+    at_level = [name for name, level in blocks if level == best]
+    up = [name for name in at_level if name.startswith('up_blocks')] or at_level
+    return [up[len(up) // 2]]
+
+
+def coarser_self_layers(unet, names):
+    """Return the same choice one level coarser: drop the finest level or move a lone one up ([] at top)."""
+    if not names:
+        return []
+    levels = dict(transformer_blocks(unet))
+    finest = min(levels[name] for name in names)
+    rest = [name for name in names if levels[name] > finest]
+    return rest or self_layer_near(unet, finest + 1, coarser_than=finest)
 
 
 def clean_queries(queries):

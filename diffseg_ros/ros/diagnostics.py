@@ -7,13 +7,20 @@ import time
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
 LATENCY_WINDOW = 20
+# The node falls behind when a frame handed to the worker has waited for a result longer than this many mean
+# compute latencies and STALE_MIN_S (e.g. frames far larger than the model's input). Measured on the
+# node's own clock: header stamps may come from a bag or a simulator.
+STALE_LATENCIES = 3
+STALE_MIN_S = 1.0
 
 
 class NodeStats:
     """Thread-safe counters; callbacks and the worker thread update them, the timer reads them."""
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self._lock = threading.Lock()
+        self._clock = clock
+        self.waiting_since = None  # clock time of the first frame handed over after the last result
         self.received = 0          # image messages that arrived
         self.processed = 0         # frames segmented and published
         self.dropped = 0           # valid frames overwritten before the worker took them
@@ -35,6 +42,12 @@ class NodeStats:
         with self._lock:
             setattr(self, counter, getattr(self, counter) + amount)
 
+    def frame_pending(self):
+        """Note that a frame was handed to the worker (the wait for a result starts with the first one)."""
+        with self._lock:
+            if self.waiting_since is None:
+                self.waiting_since = self._clock()
+
     def frame_failed(self, counter, error):
         """Count a bad or failed frame and remember why."""
         with self._lock:
@@ -42,6 +55,7 @@ class NodeStats:
             self.last_error = error
             self.last_frame_failed = True
             self.failed_since_report = True
+            self.waiting_since = None
 
     def query_failed(self, error):
         with self._lock:
@@ -54,6 +68,7 @@ class NodeStats:
             self.latencies.append(latency)
             self.last_stamp = stamp
             self.last_frame_failed = False
+            self.waiting_since = None
 
     def set_queries(self, queries):
         with self._lock:
@@ -69,13 +84,26 @@ class NodeStats:
             self.learn = f"{status['request']!r}: {status['state']} {status['progress']:.0%}"
 
     def report(self):
-        """Consistent copy of every counter for one diagnostics report; starts a new report period."""
+        """Consistent copy of every counter for one diagnostics report; starts a new report period.
+
+        'result_wait' is how long (s) a handed-over frame has waited for a result (None when none waits).
+        """
         with self._lock:
             copy = dict(vars(self))
             copy['latencies'] = list(self.latencies)
             self.failed_since_report = False
-        del copy['_lock']
+            copy['result_wait'] = None if self.waiting_since is None else self._clock() - self.waiting_since
+        del copy['_lock'], copy['_clock'], copy['waiting_since']
         return copy
+
+
+def falling_behind(stats):
+    """Tell whether a frame has waited for a result over STALE_LATENCIES mean latencies and STALE_MIN_S."""
+    wait, latencies = stats['result_wait'], stats['latencies']
+    if wait is None:
+        return False
+    mean = sum(latencies) / len(latencies) if latencies else 0.0
+    return wait > max(STALE_LATENCIES * mean, STALE_MIN_S)
 
 
 def timing_values(stats, now):

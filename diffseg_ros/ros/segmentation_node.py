@@ -29,6 +29,7 @@ from ..core.query_engine import EngineConfig, QueryEngine
 from ..core.settings import section, setting
 from ..core.text_limits import shorten
 from .depth import DepthCache
+from .diagnostics import falling_behind
 from .image_codec import numpy_to_image_msg
 from .markers import marker_array, MarkerTracker
 from .params import ParameterError
@@ -310,7 +311,7 @@ class SegmentationNode(WorkerNode):
 
 
 def diagnostic_status(stats):
-    """ERROR after a failed frame, WARN while images arrive without a query, OK otherwise.
+    """ERROR after a failed frame, WARN while images arrive without a query or results fall behind, else OK.
 
     ERROR holds while the latest frame is bad and for the first report after any bad frame.
     """
@@ -318,6 +319,9 @@ def diagnostic_status(stats):
         return DiagnosticStatus.ERROR, f"frame failed: {stats['last_error']}"
     if not stats['queries'] and stats['received']:
         return DiagnosticStatus.WARN, 'images arrive but no query is set (publish one on the query topic)'
+    if falling_behind(stats):
+        return DiagnosticStatus.WARN, (f"results fall behind: a frame has waited {stats['result_wait']:.1f} "
+                                       's for its result (frames too large or too frequent for this model?)')
     if not stats['queries']:
         return DiagnosticStatus.OK, 'waiting for a query and images'
     if not stats['received']:

@@ -102,6 +102,7 @@ class WorkerNode(Node):
         """Give the worker the newest frame; an unread older one is dropped (and counted)."""
         if self.mailbox.put('frame', frame):
             self.stats.count('dropped')
+        self.stats.frame_pending()
 
     def _work(self):
         while not self.mailbox.closed:

@@ -145,6 +145,48 @@ def run_instance_bench(model_path='', size=(256, 192), repeats=5, dtype='float32
                 instance_over_semantic=rows['instance']['seconds'] / rows['semantic']['seconds'])
 
 
+def parse_frame(text):
+    """Parse 'WxH' (e.g. 640x480) into (width, height)."""
+    try:
+        width, height = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise ValueError(f'frame sizes are WxH, e.g. 640x480; got {text!r}') from None
+    return width, height
+
+
+def run_frames_bench(model_path='', frames=((640, 480), (4000, 3000)), repeats=3, dtype='float32', seed=0):
+    """Cost of a frame by its size on the node's two paths, one run (issue 19: bounded work per frame).
+
+    One SynthWorld scene resized to each frame size goes through the semantic path (the model's
+    recommended method, CRF included) and the fused instance path; everything heavy runs at the model's
+    input size, so large_frame_ratio (seconds of the largest frame / the smallest, worst path) stays
+    near 1 (target <= 2).
+    """
+    from ..core.instances import InstanceQuery
+    from ..core.personal_fused import FusedPersonalSegmenter
+    from ..synthworld import generate_scene
+    import cv2
+    sd = load_sd_components(model_path or '', dtype=dtype)
+    semantic = Segmenter(SegmenterConfig(model_path=model_path or '', dtype=dtype), components=sd)
+    fused = FusedPersonalSegmenter(Segmenter(SegmenterConfig(model_path=model_path or '', dtype=dtype,
+                                                             method='t2m'), components=sd, instances=True))
+    scene = generate_scene(seed, size=256)
+    queries = [InstanceQuery(text, text, text.split()[-1], '') for text in ('red mug', 'bottle')]
+    runs = {}
+    for width, height in frames:
+        rgb = cv2.resize(scene.rgb, (width, height), interpolation=cv2.INTER_LINEAR)
+        runs[f'semantic {width}x{height}'] = segment_with(semantic, rgb, ['red mug', 'bottle'])
+        runs[f'instance {width}x{height}'] = (lambda rgb=rgb: fused.segment(rgb, queries))
+    rows = measure(runs, repeats)
+    small, large = (f'{w}x{h}' for w, h in (min(frames, key=lambda f: f[0] * f[1]),
+                                            max(frames, key=lambda f: f[0] * f[1])))
+    ratios = {path: rows[f'{path} {large}']['seconds'] / rows[f'{path} {small}']['seconds']
+              for path in ('semantic', 'instance')}
+    return dict(model=sd.path, input_size=semantic.settings.image_size, dtype=dtype,
+                threads=torch.get_num_threads(), frames=rows, ratios=ratios,
+                large_frame_ratio=max(ratios.values()))
+
+
 def print_report(report):
     print(f"model: {report['model']}  input: {report['size']} px  dtype: {report['dtype']}  "
           f"threads: {report['threads']}")
@@ -160,6 +202,15 @@ def print_report(report):
 
 
 def main(args):
+    if args.frames:
+        report = run_frames_bench(args.model or '', [parse_frame(f) for f in args.frames], args.repeats,
+                                  args.dtype)
+        print(json.dumps(report, indent=1))
+        print(f"large_frame_ratio {report['large_frame_ratio']:.2f} (target <= 2)")
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(report, f, indent=1)
+        return 0
     if args.instances:
         report = run_instance_bench(args.model or '', tuple(args.frame), args.repeats, args.dtype)
         print(json.dumps(report, indent=1))
@@ -189,4 +240,7 @@ def add_parser(subparsers):
     p.add_argument('--instances', action='store_true',
                    help='fused instance path vs plain semantic path on a SynthMug frame')
     p.add_argument('--frame', type=int, nargs=2, default=[256, 192], help='--instances frame size: w h')
+    p.add_argument('--frames', nargs='+', default=None, metavar='WxH',
+                   help='cost by frame size on the embedded (or --model) model, e.g. '
+                        '--frames 640x480 4000x3000; reports large_frame_ratio')
     p.set_defaults(func=main)

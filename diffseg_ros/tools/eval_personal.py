@@ -35,6 +35,7 @@ from ..core.concept_learning import ConceptTrainer, LearnSettings, training_size
 from ..core.concepts import ConceptError, ConceptLibrary, concept_folder, load_concept, next_free_token, \
     save_concept
 from ..core.fusion import FEATURES, assign, fit_weights, fuse, standardise_all
+from ..core.images import resize_labels
 from ..core.instances import InstanceQuery, PersonalConfig, PersonalSegmenter, score_query
 from ..core.personal_fused import FusedConfig, FusedPersonalSegmenter, extract_prototypes
 from ..core.sd_models import load_sd_components
@@ -142,7 +143,7 @@ def install_for(library, row, present, arithmetic, state):
 
 def view_record(row, result, scene, mugs, cost):
     """Record what a row's forward gave on a view, enough to score it with any weights later (JSON)."""
-    labels = result.proposals.labels
+    labels = resize_labels(result.proposals.labels, scene.instances.shape)   # proposals: at input size
     truths = [scene.instances == scene.mugs[m.key] for m in mugs]
     count = int(labels.max())
     ious = [[_iou(labels == c + 1, t) for c in range(count)] for t in truths]
