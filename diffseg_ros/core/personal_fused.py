@@ -160,7 +160,7 @@ class FusedPersonalSegmenter:
         plain = unique(q.prompt for q in queries if not q.class_word)
         phrases = unique(class_words + [q.prompt for q in assigned] + plain)
         read = self.forward(rgb, phrases)
-        image = read['frame'].image            # per-pixel work happens on the frame at the model's input size
+        image = read['frame'].image            # per-pixel work: the frame, at most at the model's input size
         t_forward = time.perf_counter()
         kept, prompt = read['kept'], read['prompt']
         warnings = list(kept.warnings)

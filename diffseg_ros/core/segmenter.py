@@ -227,7 +227,8 @@ class FrameAttention:
     spans: list                  # token positions of each active query
     where: object                # images.ModelInput: where the frame sits in the padded model input
     timings: dict
-    image: np.ndarray = field(repr=False, default=None)   # uint8 [h, w, 3]: the frame at the input size
+    # uint8 [h, w, 3]: the frame at the size per-pixel work runs at, its own or the model input's if smaller
+    image: np.ndarray = field(repr=False, default=None)
 
 
 @dataclass
@@ -331,7 +332,7 @@ class Segmenter:
             self.set_queries(queries)
         frame = self.attend(rgb)
         start = time.perf_counter()
-        scores = self.to_input(self.scores(frame), frame)      # at the model's input size, not the frame's
+        scores = self.to_input(self.scores(frame), frame)      # never larger than the model's input
         if self.settings.crf:
             scores = torch.from_numpy(crf.refine(frame.image, scores.clamp(0, 1).numpy()))
         result = self._postprocess(scores, frame)
@@ -361,7 +362,8 @@ class Segmenter:
             with AttentionCapture(self.sd.unet, cross, selfs) as capture:
                 capture.run(latents, timesteps, text)
         timings = dict(encode=encoded - start, unet=time.perf_counter() - encoded)
-        return FrameAttention(capture, self.prompt.spans, where, timings, resized)
+        work = rgb if max(rgb.shape[:2]) <= max(resized.shape[:2]) else resized
+        return FrameAttention(capture, self.prompt.spans, where, timings, work)
 
     def scores(self, frame, spans=None):
         """Return the method's scores [K+1, h, w] (channel 0: background) for the frame's or given spans."""
@@ -371,7 +373,13 @@ class Segmenter:
                                   background_threshold=c.background_threshold, box_threshold=c.box_threshold)
 
     def to_input(self, maps, frame):
-        """Map scores [C, h, w] over the padded model input to [C, h', w'] over the frame at input size."""
+        """Map scores [C, h, w] over the padded model input to [C, h', w'] over `frame.image`.
+
+        That is the frame at its own size when it is no larger than the model input (an upscaled frame
+        gains nothing from work at the larger size), else at the input size: per-pixel work stays bounded.
+        """
+        if frame.image.shape[:2] == tuple(frame.where.frame):
+            return self.images.postprocess(maps, frame.where)
         return self.images.to_input(maps, frame.where)
 
     def to_image(self, maps, frame):
