@@ -1,4 +1,9 @@
-"""Run a node process: start-up failures become one log line and an exit code, SIGINT a clean exit."""
+"""Run a node process: start-up failures become one log line and an exit code, SIGINT/SIGTERM a clean exit.
+
+Under `ros2 launch` without a terminal each node gets SIGINT twice (its own and the one launch forwards),
+and a service manager may follow with SIGTERM: every stop signal after the first must be harmless.
+"""
+import signal
 import sys
 
 import rclpy
@@ -13,6 +18,24 @@ RCLError = rclpy_implementation.RCLError
 EXIT_BAD_ARGUMENTS = 2
 
 
+class StopSignals:
+    """Python's side of SIGINT and SIGTERM: the first one interrupts the start, later ones do nothing.
+
+    rclpy's own handler (installed by rclpy.init, which calls this one after it) shuts the context down,
+    which ends spin; raising KeyboardInterrupt as well would only break the shutdown code it lands in.
+    """
+
+    def __init__(self):
+        self.starting = True
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.starting:   # a model may take a while to load: stop now
+            self.starting = False
+            raise KeyboardInterrupt
+
+
 def run_node(make_node, name, args, failures=(), make_executor=None):
     """Create the node with make_node() and spin it until SIGINT; return the process exit code.
 
@@ -21,6 +44,7 @@ def run_node(make_node, name, args, failures=(), make_executor=None):
     make_executor: returns the executor to spin with (default: rclpy's single-threaded one).
     """
     quiet_model_libraries()
+    signals = StopSignals()
     try:
         rclpy.init(args=args)
     except Exception as err:   # malformed --ros-args: rcl's message says which
@@ -39,6 +63,7 @@ def run_node(make_node, name, args, failures=(), make_executor=None):
         rclpy.logging.get_logger(name).error(f'{prefix}: {err}')
         rclpy.try_shutdown()
         return code
+    signals.starting = False
     try:
         rclpy.spin(node, executor=executor)
     except (KeyboardInterrupt, ExternalShutdownException):
