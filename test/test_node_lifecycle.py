@@ -9,7 +9,7 @@ from lifecycle_msgs.srv import ChangeState, GetState
 import pytest
 
 from diffseg_ros.ros.synth_camera import frame_sequence
-from ros_harness import DiffsegUnderTest, make_header, NodeProcess, TIMEOUT, wait_until
+from ros_harness import DiffsegUnderTest, make_header, NodeProcess, wait_until
 from test_ldmseg_node import HEIGHT, LDMSegUnderTest, MODULE as LDMSEG_MODULE, PARAMS_FILE as LDMSEG_PARAMS
 from test_ldmseg_node import truth_cloud, WIDTH
 
