@@ -37,7 +37,7 @@ class StopSignals:
 
 
 def run_node(make_node, name, args, failures=(), make_executor=None):
-    """Create the node with make_node() and spin it until SIGINT; return the process exit code.
+    """Create the node with make_node() and spin it until SIGINT or SIGTERM; return the process exit code.
 
     failures: (exception type, log prefix, exit code) triples for errors the constructor may raise;
     they are logged as one error line with no traceback (the first matching type wins).

@@ -99,7 +99,8 @@ class WorkerNode(LifecycleNode):
             self.autostarting = False
         if not configured:
             raise self.load_error
-        self.trigger_activate()
+        if self.trigger_activate() != TransitionCallbackReturn.SUCCESS:
+            raise RuntimeError('activate failed (see the error above)')
 
     def close(self):
         """Stop the worker (it finishes the work in progress, if any, without publishing); free the engine."""
@@ -132,10 +133,13 @@ class WorkerNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state):
-        """Open the inputs; the worker uses settings changed while inactive from the next frame on."""
+        """Open the inputs (parameters changed while inactive already reached the worker)."""
         self.active = True
-        self.inputs = self._created(self.create_inputs)
-        self.mailbox.put('settings', self.settings)
+        try:
+            self.inputs = self._created(self.create_inputs)
+        except Exception as err:   # rclpy would swallow it
+            self.get_logger().error(f'activate failed: {type(err).__name__}: {err}')
+            return TransitionCallbackReturn.ERROR   # on_error frees everything
         return TransitionCallbackReturn.SUCCESS
 
     def on_deactivate(self, state):
@@ -158,8 +162,8 @@ class WorkerNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS   # back to unconfigured
 
     def lifecycle_state(self):
-        """Label of the current lifecycle state ('unconfigured', 'inactive', 'active', ...)."""
-        return self._state_machine.current_state[1]
+        """Return the label of the lifecycle state ('unconfigured', 'inactive', 'active', 'finalized')."""
+        return self._state_machine.current_state[1]   # what ~/get_state answers; rclpy has no public getter
 
     def load_engine(self):
         """Load and return the engine (on configure); raise ModelLoadError or ParameterError."""
@@ -253,8 +257,10 @@ class WorkerNode(LifecycleNode):
         """Return the node's own status while active, otherwise what its lifecycle state means."""
         if self.active:
             return self.status(stats)
+        state = self.lifecycle_state()
         if self.engine is None:
-            return DiagnosticStatus.OK, f'{self.lifecycle_state()}: no model loaded (configure loads it)'
+            hint = ' (configure loads it)' if state == 'unconfigured' else ''
+            return DiagnosticStatus.OK, f'{state}: no model loaded{hint}'
         return DiagnosticStatus.OK, 'inactive: model loaded, inputs closed (activate opens them)'
 
     def describe(self):
