@@ -89,7 +89,11 @@ def node(context, executable, name, remappings, overridable=('model_path',)):
 
 
 def managed_node(context, executable, name, parameters, remappings, namespace=''):
-    """Return the LifecycleNode action of a node of this package, with the autostart launch argument."""
+    """Return the LifecycleNode action of a node of this package, with the autostart launch argument.
+
+    The node's own `autostart` parameter configures and activates it (launch_ros's LifecycleNode autostart
+    stays off, so no transition is requested twice, and `ros2 run` behaves the same).
+    """
     return LifecycleNode(package=PACKAGE, executable=executable, name=name, namespace=namespace,
                          parameters=[*parameters, {'autostart': is_true(context, 'autostart')}],
                          remappings=remappings,
