@@ -13,6 +13,7 @@ from ros_harness import NodeProcess, REPO, TIMEOUT
 SIGNALS = {
     'two SIGINT at once': ((signal.SIGINT, signal.SIGINT), 0.0),
     'two SIGINT during shutdown': ((signal.SIGINT, signal.SIGINT), 0.05),
+    'second SIGINT while exiting': ((signal.SIGINT, signal.SIGINT), 0.3),   # Python's exit restores SIG_DFL
     'SIGTERM': ((signal.SIGTERM,), 0.0),
     'SIGINT then SIGTERM': ((signal.SIGINT, signal.SIGTERM), 0.02),
 }
@@ -47,7 +48,7 @@ def test_diffseg_stopped_while_loading_the_model(launcher):
     assert_clean_stop(process, (signal.SIGINT, signal.SIGINT), 0.0)
 
 
-@pytest.mark.parametrize('case', ['two SIGINT at once', 'SIGTERM'])
+@pytest.mark.parametrize('case', ['two SIGINT at once', 'second SIGINT while exiting', 'SIGTERM'])
 def test_ldmseg_stops_cleanly(ros_env, tmp_path, case):
     from tiny_models import tiny_random_ldmseg
     model = tiny_random_ldmseg(seed=0).save(str(tmp_path / 'ldmseg-model'))
@@ -58,7 +59,7 @@ def test_ldmseg_stops_cleanly(ros_env, tmp_path, case):
     assert_clean_stop(process, *SIGNALS[case])
 
 
-@pytest.mark.parametrize('case', ['two SIGINT at once', 'two SIGINT during shutdown', 'SIGTERM'])
+@pytest.mark.parametrize('case', SIGNALS, ids=str)
 def test_synth_camera_stops_cleanly(ros_env, tmp_path, case):
     process = NodeProcess('diffseg_ros.ros.synth_camera',
                           ['-r', '__ns:=/stopcam', '-p', 'width:=64', '-p', 'height:=48', '-p', 'rate:=20.0'],
