@@ -55,6 +55,7 @@ def run_node(make_node, name, args, failures=(), make_executor=None):
     try:
         rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
     except KeyboardInterrupt:   # stopped before rclpy was up
+        signals.ignore()
         return 0
     except Exception as err:   # malformed --ros-args: rcl's message says which
         print(f'[{name}] cannot start: {err}', file=sys.stderr)
@@ -71,6 +72,7 @@ def run_node(make_node, name, args, failures=(), make_executor=None):
     except tuple(kind for kind, _, _ in failures) as err:
         kind, prefix, code = next(f for f in failures if isinstance(err, f[0]))
         rclpy.logging.get_logger(name).error(f'{prefix}: {err}')
+        signals.ignore()
         rclpy.try_shutdown()
         return code
     signals.starting = False
