@@ -19,7 +19,7 @@ setup(
     name=PACKAGE,
     version='0.1.0',
     packages=find_packages(exclude=['test', 'test.*']),
-    package_data={PACKAGE: package_files('embedded') + ['schemas/*.json']},
+    package_data={PACKAGE: package_files('embedded')},
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + PACKAGE]),
         ('share/' + PACKAGE, ['package.xml']),
@@ -32,7 +32,6 @@ setup(
     maintainer_email='maintainers@diffseg-ros.org',
     description='Open-vocabulary segmentation from diffusion-model attention for ROS 2.',
     license='Apache-2.0',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'diffseg_node = diffseg_ros.node:main',

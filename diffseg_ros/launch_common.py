@@ -1,15 +1,44 @@
 """What the launch files share: the arguments every node takes and the node action itself.
 
 Imported by launch/*.launch.py only (launch and launch_ros exist on a robot with ROS 2, not in this
-package's test environment, where the launch files are checked statically).
+package's test environment, where the launch files run against stand-ins: test/launch_stubs.py).
+The nodes are managed (lifecycle) nodes that configure and activate themselves unless autostart:=false;
+then `ros2 lifecycle set /<node> configure` (and `activate`) brings them up.
 """
+from ament_index_python.packages import get_package_prefix, PackageNotFoundError
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
-from launch_ros.actions import Node
+from launch_ros.actions import LifecycleNode
 from launch_ros.substitutions import FindPackageShare
 
 PACKAGE = 'diffseg_ros'
+TRUE = ('true', '1', 'yes', 'on')
+
+
+def is_true(context, name):
+    """Read a boolean launch argument."""
+    return LaunchConfiguration(name).perform(context).strip().lower() in TRUE
+
+
+def require_package(name, asked_by):
+    """Raise a clear error, before anything starts, when a ROS package the arguments ask for is missing."""
+    try:
+        get_package_prefix(name)
+    except PackageNotFoundError:
+        debian = f'ros-$ROS_DISTRO-{name.replace("_", "-")}'
+        raise RuntimeError(f'{asked_by} needs the ROS package {name!r}, which is not installed '
+                           f'(apt install {debian}); nothing was started') from None
+
+
+def common_arguments():
+    """Launch arguments of every launch file: autostart and log level."""
+    return [
+        DeclareLaunchArgument('autostart', default_value='true',
+                              description='configure and activate the managed nodes at start; false: '
+                                          'ros2 lifecycle set /<node> configure, then activate'),
+        DeclareLaunchArgument('log_level', default_value='info', description='debug | info | warn | error'),
+    ]
 
 
 def config_path(name):
@@ -30,18 +59,19 @@ def node_arguments(node_name, model_description):
         DeclareLaunchArgument('camera_info_topic', default_value='camera_info',
                               description='sensor_msgs/CameraInfo of the aligned depth image'),
         DeclareLaunchArgument('namespace', default_value='', description='namespace of the node'),
-        DeclareLaunchArgument('log_level', default_value='info', description='debug | info | warn | error'),
+        *common_arguments(),
     ]
 
 
-def description(node_name, model_description, arguments, setup):
-    """Return the LaunchDescription of a node: the shared arguments, its own, then `setup(context)`.
+def description(arguments, setup, shared=None):
+    """Return a LaunchDescription: `shared` arguments (default: common_arguments), its own, setup(context).
 
-    arguments: {name: (default, description)} of the node's own launch arguments.
+    arguments: {name: (default, description)} of the file's own launch arguments. Everything that depends
+    on an argument's value happens in setup, in Python: no value is ever evaluated as an expression.
     """
     own = [DeclareLaunchArgument(name, default_value=default, description=text)
            for name, (default, text) in arguments.items()]
-    return LaunchDescription([*node_arguments(node_name, model_description), *own,
+    return LaunchDescription([*(common_arguments() if shared is None else shared), *own,
                               OpaqueFunction(function=setup)])
 
 
@@ -54,7 +84,18 @@ def node(context, executable, name, remappings, overridable=('model_path',)):
             parameters.append({key: value})
     camera = [('image', LaunchConfiguration('image_topic')), ('depth', LaunchConfiguration('depth_topic')),
               ('camera_info', LaunchConfiguration('camera_info_topic'))]
-    return Node(package=PACKAGE, executable=executable, name=name, namespace=LaunchConfiguration('namespace'),
-                parameters=parameters, remappings=camera + list(remappings),
-                arguments=['--ros-args', '--log-level', LaunchConfiguration('log_level')],
-                output='screen', emulate_tty=True)
+    return managed_node(context, executable, name, parameters, camera + list(remappings),
+                        LaunchConfiguration('namespace').perform(context))
+
+
+def managed_node(context, executable, name, parameters, remappings, namespace=''):
+    """Return the LifecycleNode action of a node of this package, with the autostart launch argument.
+
+    The node's own `autostart` parameter configures and activates it (launch_ros's LifecycleNode autostart
+    stays off, so no transition is requested twice, and `ros2 run` behaves the same).
+    """
+    return LifecycleNode(package=PACKAGE, executable=executable, name=name, namespace=namespace,
+                         parameters=[*parameters, {'autostart': is_true(context, 'autostart')}],
+                         remappings=remappings,
+                         arguments=['--ros-args', '--log-level', LaunchConfiguration('log_level')],
+                         output='screen', emulate_tty=True)

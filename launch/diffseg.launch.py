@@ -8,10 +8,13 @@ Outputs: /diffseg/semantic, /diffseg/mask, /diffseg/overlay, /diffseg/instances,
 Personal concepts: concepts_dir:=/robot/concepts; learn one from the camera with
     ros2 topic pub --once /diffseg/learn std_msgs/String "data: 'my mug = mug'"
 3D centroids need an aligned depth image (REP-118) and its camera_info (depth_topic, camera_info_topic).
+Managed node: it loads its model and opens its topics at start unless autostart:=false; then
+    ros2 lifecycle set /diffseg configure    # loads the model
+    ros2 lifecycle set /diffseg activate     # opens the topics (deactivate pauses, cleanup frees the model)
 """
 from launch.substitutions import LaunchConfiguration
 
-from diffseg_ros.launch_common import description, node
+from diffseg_ros.launch_common import description, node, node_arguments
 
 ARGUMENTS = {'query_topic': ('query', "std_msgs/String queries, e.g. 'my mug; red bottle'"),
              'concepts_dir': ('', "folder of personal concepts; '' keeps the params file's value")}
@@ -24,4 +27,4 @@ def launch_setup(context):
 
 
 def generate_launch_description():
-    return description('diffseg', 'local diffusers SD folder', ARGUMENTS, launch_setup)
+    return description(ARGUMENTS, launch_setup, node_arguments('diffseg', 'local diffusers SD folder'))

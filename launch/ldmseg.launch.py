@@ -13,7 +13,7 @@ Outputs: /ldmseg/instances (mono16), /ldmseg/labeled_points (PointCloud2), /diag
 """
 from launch.substitutions import LaunchConfiguration
 
-from diffseg_ros.launch_common import description, node
+from diffseg_ros.launch_common import description, is_true, node, node_arguments
 
 ARGUMENTS = {'points_topic': ('points', 'sensor_msgs/PointCloud2 with x, y, z and an integer label field'),
              'propagate': ('false', "true: read the points from this node's own ~/labeled_points")}
@@ -21,10 +21,9 @@ ARGUMENTS = {'points_topic': ('points', 'sensor_msgs/PointCloud2 with x, y, z an
 
 def launch_setup(context):
     """Build the node; model_path overrides the params file only when given (else the YAML decides)."""
-    propagate = LaunchConfiguration('propagate').perform(context).lower() in ('true', '1')
-    points = 'ldmseg/labeled_points' if propagate else LaunchConfiguration('points_topic')
+    points = 'ldmseg/labeled_points' if is_true(context, 'propagate') else LaunchConfiguration('points_topic')
     return [node(context, 'ldmseg_node', 'ldmseg', [('points', points)])]
 
 
 def generate_launch_description():
-    return description('ldmseg', 'local LDMSeg model folder', ARGUMENTS, launch_setup)
+    return description(ARGUMENTS, launch_setup, node_arguments('ldmseg', 'local LDMSeg model folder'))

@@ -3,6 +3,7 @@
 ros_harness is imported inside the fixtures so tests that need no ROS never import rclpy.
 """
 import os
+from pathlib import Path
 import sys
 import time
 
@@ -36,6 +37,15 @@ def tiny_model_dir(tmp_path_factory):
     """Build a seeded tiny random SD-architecture model as a diffusers folder, once per session."""
     from tiny_models import save_tiny_random_model
     return save_tiny_random_model(str(tmp_path_factory.mktemp('tiny-sd')), seed=0)
+
+
+@pytest.fixture
+def launch(monkeypatch):
+    """Run a launch file of launch/ against stand-ins of launch and launch_ros; returns (actions, context)."""
+    from launch_stubs import install, run_launch
+    install(monkeypatch)
+    return lambda name, **arguments: run_launch(Path(__file__).resolve().parents[1] / 'launch' / name,
+                                                **arguments)
 
 
 @pytest.fixture(scope='session')

@@ -229,6 +229,19 @@ class RosClient:
     def wait_for_publishers(self, inbox, count=1, timeout=TIMEOUT):
         return wait_until(lambda: inbox.subscription.get_publisher_count() >= count, timeout)
 
+    def service_client(self, srv_type, name):
+        with self._lock:
+            return self.node.create_client(srv_type, name)
+
+    def call(self, service_client, request, timeout=TIMEOUT):
+        """Call a service and wait for its response (None when the service or its answer never comes)."""
+        if not service_client.wait_for_service(timeout_sec=timeout):
+            return None
+        done = threading.Event()
+        future = service_client.call_async(request)
+        future.add_done_callback(lambda _: done.set())
+        return future.result() if done.wait(timeout) else None
+
     def shutdown(self):
         self.executor.shutdown()
         self.node.destroy_node()

@@ -1,4 +1,4 @@
-"""Launch, parameter, rviz and DDS files, checked statically (launch and launch_ros are not installable)."""
+"""Launch, parameter, rviz and DDS files; the launch files run against stand-ins of launch and launch_ros."""
 import ast
 from pathlib import Path
 import xml.etree.ElementTree as ElementTree
@@ -12,6 +12,7 @@ from diffseg_ros.ros import config_files
 from diffseg_ros.ros.params import parameter_type
 from diffseg_ros.ros.segmentation_node import CAMERA_INFO_TOPIC, DEPTH_TOPIC, IMAGE_TOPIC, NODE_NAME, \
     NodeSettings, QUERY_TOPIC
+from launch_stubs import LifecycleNode, perform, SetEnvironmentVariable
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON_TYPES = {Parameter.Type.STRING: str, Parameter.Type.INTEGER: int, Parameter.Type.DOUBLE: float,
@@ -44,15 +45,6 @@ def strings(tree):
             if isinstance(node, ast.Constant) and isinstance(node.value, str)}
 
 
-def launch_arguments(tree):
-    """Names of DeclareLaunchArgument calls, and the keys of a module-level ARGUMENTS dict (launch_common)."""
-    names = {constant(call.args[0]) for call in calls(tree, 'DeclareLaunchArgument')}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], 'id', '') == 'ARGUMENTS':
-            names |= set(ast.literal_eval(node.value))
-    return names
-
-
 def console_scripts():
     """{script name: target} from setup.py's entry points."""
     setup = calls(parse('setup.py'), 'setup')[0]
@@ -60,27 +52,22 @@ def console_scripts():
     return dict(entry.replace(' ', '').split('=') for entry in entries)
 
 
-def shared_node(tree, executable):
-    """(launch arguments, remapped topics) of a node built by diffseg_ros.launch_common.node in a file.
-
-    The arguments and remappings the shared helper adds are counted in.
-    """
-    common = parse('diffseg_ros/launch_common.py')
-    matches = [call for call in calls(tree, 'node') if constant(call.args[1]) == executable]
-    assert len(matches) == 1, f'expected one node(context, {executable!r}, ...)'
-    call = matches[0]
-    helper = calls(common, 'Node')[0]
-    assert keyword(helper, 'package').id == 'PACKAGE' and 'diffseg_ros' in strings(common)
-    shared = {constant(pair.elts[0]) for pair in ast.walk(common) if isinstance(pair, ast.Tuple)
-              and len(pair.elts) == 2 and constant(pair.elts[0]) in ('image', 'depth', 'camera_info')}
-    own = {constant(pair.elts[0]) for pair in call.args[3].elts}
-    return constant(call.args[2]), launch_arguments(tree) | launch_arguments(common), own | shared
+def only(actions, kind, **match):
+    """Return the one action of a kind whose keyword arguments include match."""
+    found = [action for action in actions if isinstance(action, kind)
+             and all(action.kwargs.get(key) == value for key, value in match.items())]
+    assert len(found) == 1, f'expected one {kind.__name__} {match}, got {found}'
+    return found[0]
 
 
-def node_call(tree, executable):
-    matches = [call for call in calls(tree, 'Node') if constant(keyword(call, 'executable')) == executable]
-    assert len(matches) == 1, f'expected one Node(executable={executable!r})'
-    return matches[0]
+def remaps(node, context):
+    return {source: perform(target, context) for source, target in node.kwargs['remappings']}
+
+
+def parameters(node, context):
+    """Return the node's parameters: files as paths, dicts as they are."""
+    return [entry if isinstance(entry, dict) else perform(entry, context)
+            for entry in node.kwargs['parameters']]
 
 
 def yaml_parameters(file='diffseg.yaml', node_name=NODE_NAME):
@@ -97,25 +84,76 @@ def yaml_parameters(file='diffseg.yaml', node_name=NODE_NAME):
     return dict(flatten(document[node_name]['ros__parameters']))
 
 
-def test_diffseg_launch_runs_the_node_with_yaml_and_remappable_topics():
-    tree = parse('launch/diffseg.launch.py')
-    name, arguments, remapped = shared_node(tree, 'diffseg_node')
-    assert name == NODE_NAME and console_scripts()['diffseg_node'] == 'diffseg_ros.node:main'
-    assert {'params_file', 'model_path', 'image_topic', 'query_topic', 'depth_topic', 'camera_info_topic',
-            'concepts_dir', 'namespace', 'log_level'} <= arguments
-    assert 'diffseg' in strings(tree) and 'concepts_dir' in strings(tree)    # config/diffseg.yaml
-    assert remapped == {IMAGE_TOPIC, QUERY_TOPIC, DEPTH_TOPIC, CAMERA_INFO_TOPIC}
+def test_diffseg_launch_starts_a_managed_node_with_yaml_and_remappable_topics(launch):
+    actions, context = launch('diffseg.launch.py', image_topic='/cam/image', model_path='/models/sd15')
+    node = only(actions, LifecycleNode, executable='diffseg_node')
+    assert len(actions) == 1 and console_scripts()['diffseg_node'] == 'diffseg_ros.node:main'
+    assert (node.kwargs['package'], node.kwargs['name']) == ('diffseg_ros', NODE_NAME)
+    assert node.kwargs['namespace'] == ''
+    assert parameters(node, context) == ['/opt/share/diffseg_ros/config/diffseg.yaml',
+                                         {'model_path': '/models/sd15'}, {'autostart': True}]
+    assert remaps(node, context) == {IMAGE_TOPIC: '/cam/image', QUERY_TOPIC: 'query', DEPTH_TOPIC: 'depth',
+                                     CAMERA_INFO_TOPIC: 'camera_info'}
+    assert {'concepts_dir', 'log_level', 'namespace', 'params_file'} <= set(context.launch_configurations)
 
 
-def test_synth_demo_feeds_the_camera_into_diffseg():
-    tree = parse('launch/synth_demo.launch.py')
-    diffseg = node_call(tree, 'diffseg_node')
-    remaps = {constant(pair.elts[0]): constant(pair.elts[1]) for pair in keyword(diffseg, 'remappings').elts}
-    assert remaps[IMAGE_TOPIC] == 'camera/image' and remaps[DEPTH_TOPIC] == 'camera/depth'
-    assert remaps[CAMERA_INFO_TOPIC] == 'camera/camera_info'
-    camera = node_call(tree, 'synth_camera')
-    assert constant(keyword(camera, 'package')) == 'diffseg_ros'
-    assert {'diffseg.yaml', 'diffseg.rviz', 'fastdds_localhost.xml'} <= strings(tree)
+@pytest.mark.parametrize('file, executable', [('diffseg.launch.py', 'diffseg_node'),
+                                              ('ldmseg.launch.py', 'ldmseg_node'),
+                                              ('synth_demo.launch.py', 'diffseg_node')])
+def test_autostart_false_leaves_the_managed_node_to_lifecycle_commands(launch, file, executable):
+    actions, context = launch(file, autostart='false')
+    node = only(actions, LifecycleNode, executable=executable)
+    assert parameters(node, context)[-1] == {'autostart': False}
+
+
+def test_synth_demo_sets_the_profile_then_feeds_the_camera_into_diffseg(launch):
+    actions, context = launch('synth_demo.launch.py')
+    profile, camera, diffseg = actions
+    assert isinstance(profile, SetEnvironmentVariable) and profile.args == (
+        'FASTDDS_DEFAULT_PROFILES_FILE', '/opt/share/diffseg_ros/config/fastdds_localhost.xml')
+    assert camera.kwargs['executable'] == 'synth_camera' and camera.kwargs['package'] == 'diffseg_ros'
+    assert isinstance(diffseg, LifecycleNode) and diffseg.kwargs['executable'] == 'diffseg_node'
+    assert remaps(diffseg, context) == {IMAGE_TOPIC: 'camera/image', QUERY_TOPIC: 'query',
+                                        DEPTH_TOPIC: 'camera/depth', CAMERA_INFO_TOPIC: 'camera/camera_info'}
+    assert parameters(diffseg, context)[0] == '/opt/share/diffseg_ros/config/diffseg.yaml'
+
+
+@pytest.mark.parametrize('value', ['', "''", '""', 'none'])
+def test_synth_demo_without_a_dds_profile(launch, value):
+    actions, _ = launch('synth_demo.launch.py', fastdds_profile=value)
+    assert not any(isinstance(a, SetEnvironmentVariable) for a in actions)
+    assert [a.kwargs['executable'] for a in actions] == ['synth_camera', 'diffseg_node']
+
+
+def test_a_profile_path_is_used_as_given_never_evaluated(launch):
+    path = "/robot/it's \"odd\"/profile.xml"
+    actions, _ = launch('synth_demo.launch.py', fastdds_profile=path)
+    assert actions[0].args == ('FASTDDS_DEFAULT_PROFILES_FILE', path)
+    for file in [*(REPO / 'launch').glob('*.py'), REPO / 'diffseg_ros' / 'launch_common.py']:
+        assert 'PythonExpression' not in file.read_text(), file
+
+
+def ament_prefix(tmp_path, *packages):
+    """Make an ament prefix that registers the given packages."""
+    index = tmp_path / 'share' / 'ament_index' / 'resource_index' / 'packages'
+    index.mkdir(parents=True)
+    for package in packages:
+        (index / package).write_text('')
+    return str(tmp_path)
+
+
+def test_rviz_without_rviz2_fails_before_starting_anything(launch, monkeypatch, tmp_path):
+    monkeypatch.setenv('AMENT_PREFIX_PATH', ament_prefix(tmp_path))
+    with pytest.raises(RuntimeError, match=r"rviz:=true needs the ROS package 'rviz2'.*nothing was started"):
+        launch('synth_demo.launch.py', rviz='true')   # raised before any action was returned
+
+
+def test_rviz_starts_last_when_installed(launch, monkeypatch, tmp_path):
+    monkeypatch.setenv('AMENT_PREFIX_PATH', ament_prefix(tmp_path, 'rviz2'))
+    actions, context = launch('synth_demo.launch.py', rviz='true')
+    rviz = actions[-1]
+    assert (rviz.kwargs['package'], rviz.kwargs['executable']) == ('rviz2', 'rviz2')
+    assert perform(rviz.kwargs['arguments'][1], context) == '/opt/share/diffseg_ros/config/diffseg.rviz'
 
 
 def test_synth_camera_console_script_exists():

@@ -5,7 +5,8 @@ from rclpy.parameter import Parameter
 from diffseg_ros.core.settings import items
 from diffseg_ros.ros.ldmseg_node import NODE_NAME, NodeSettings, TOPICS
 from diffseg_ros.ros.params import parameter_type
-from test_launch_static import console_scripts, parse, PYTHON_TYPES, shared_node, strings
+from launch_stubs import LifecycleNode
+from test_launch_static import console_scripts, only, parameters, PYTHON_TYPES, remaps
 from test_launch_static import yaml_parameters as shared_yaml_parameters
 
 EXPOSED = [item for item in items(NodeSettings) if item.rule.exposed]
@@ -16,14 +17,20 @@ def yaml_parameters():
     return shared_yaml_parameters('ldmseg.yaml', NODE_NAME)
 
 
-def test_launch_runs_the_node_with_yaml_and_remappable_inputs():
-    tree = parse('launch/ldmseg.launch.py')
-    name, arguments, remapped = shared_node(tree, 'ldmseg_node')
-    assert name == NODE_NAME and console_scripts()['ldmseg_node'] == 'diffseg_ros.ros.ldmseg_node:main'
-    assert {'params_file', 'model_path', 'image_topic', 'depth_topic', 'camera_info_topic', 'points_topic',
-            'propagate', 'namespace'} <= arguments
-    assert {'ldmseg', 'ldmseg/labeled_points'} <= strings(tree)   # propagate: points <- own output
-    assert remapped == set(TOPICS)
+def test_launch_starts_a_managed_node_with_yaml_and_remappable_inputs(launch):
+    actions, context = launch('ldmseg.launch.py', points_topic='/map/points', namespace='robot')
+    node = only(actions, LifecycleNode, executable='ldmseg_node')
+    assert console_scripts()['ldmseg_node'] == 'diffseg_ros.ros.ldmseg_node:main'
+    assert (node.kwargs['name'], node.kwargs['namespace']) == (NODE_NAME, 'robot')
+    assert parameters(node, context) == ['/opt/share/diffseg_ros/config/ldmseg.yaml', {'autostart': True}]
+    assert remaps(node, context) == {'image': 'image', 'depth': 'depth', 'camera_info': 'camera_info',
+                                     'points': '/map/points'}
+    assert set(remaps(node, context)) == set(TOPICS)
+
+
+def test_propagate_reads_the_nodes_own_output(launch):
+    actions, context = launch('ldmseg.launch.py', propagate='true')
+    assert remaps(actions[0], context)['points'] == 'ldmseg/labeled_points'
 
 
 def test_yaml_and_node_declare_the_same_parameters():

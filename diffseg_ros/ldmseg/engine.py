@@ -95,6 +95,9 @@ class LDMSegEngine:
         """Use changed settings from the next frame on (steps, resample, samples, seed, time limit)."""
         self.config = config.validate()
 
+    def close(self):
+        """Stop nothing: the model is freed with the engine (QueryEngine.close stops its training)."""
+
     def describe(self):
         """Facts for diagnostics: model, device, precision and the effective inference settings."""
         c, model = self.config, self.model.config

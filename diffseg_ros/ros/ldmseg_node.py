@@ -28,7 +28,8 @@ from .image_codec import numpy_to_image_msg, to_depth_metres
 from .params import ParameterError
 from .pointcloud import labelled_cloud_msg, read_labelled_cloud
 from .runner import EXIT_BAD_ARGUMENTS, run_node
-from .worker_node import image_transport_setting, OUTPUT_QOS, QosSettings, subscription_qos, WorkerNode
+from .worker_node import (autostart_setting, image_transport_setting, OUTPUT_QOS, QosSettings,
+                          subscription_qos, WorkerNode)
 
 NODE_NAME = 'ldmseg'
 STATUS_NAME = 'ldmseg: completion'
@@ -49,6 +50,7 @@ class NodeSettings:
     qos_image: QosSettings = section(QosSettings, 'qos.image')
     qos_points: QosSettings = section(lambda: QosSettings(depth=2), 'qos.points')
     diagnostics_period: float = setting(1.0, 'seconds between /diagnostics reports', low=0.05, high=3600.0)
+    autostart: bool = autostart_setting()
 
     def invariants(self):
         yield (self.label_field not in ('', 'x', 'y', 'z'),
@@ -77,27 +79,28 @@ class LDMSegStats(NodeStats):
 
 
 class LDMSegNode(WorkerNode):
-    """Raises ParameterError or ModelLoadError from the constructor when it cannot start."""
+    """Raises ParameterError, or ModelLoadError (autostart), from the constructor when it cannot start."""
 
     STATUS_NAME = STATUS_NAME
 
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, NodeSettings, stats=LDMSegStats(), **kwargs)
-        engine = self.settings.engine
-        self.get_logger().info(f"loading LDMSeg '{engine.model_path or 'embedded'}' "
-                               f'({engine.device}, {engine.dtype})')
-        self.engine = LDMSegEngine(engine)
         self.pairer = StampPairer(self.settings.depth_max_time_difference)
         self.camera = None
         self.unpaired_reported = 0   # pairer.unpaired at the last diagnostics report
-        self._create_interfaces()
         self.start()
-        self.get_logger().info(f'ready: completing the labels of {self.subs["points"].topic_name} in '
-                               f'{self.subs["image"].topic_name}')
 
-    def _create_interfaces(self):
+    def load_engine(self):
+        engine = self.settings.engine
+        self.get_logger().info(f"loading LDMSeg '{engine.model_path or 'embedded'}' "
+                               f'({engine.device}, {engine.dtype})')
+        return LDMSegEngine(engine)
+
+    def create_outputs(self):
         self.instances_pub = self.create_publisher(Image, '~/instances', OUTPUT_QOS)
         self.points_pub = self.create_publisher(PointCloud2, '~/labeled_points', OUTPUT_QOS)
+
+    def create_inputs(self):
         image_qos = subscription_qos(self.settings.qos_image)
         self.subs = {
             'image': self.subscribe_image('image', self._on_image, image_qos),
@@ -108,6 +111,8 @@ class LDMSegNode(WorkerNode):
         }
         if self.settings.use_depth:
             self.subs['depth'] = self.create_subscription(Image, 'depth', self._on_depth, image_qos)
+        self.get_logger().info(f'ready: completing the labels of {self.subs["points"].topic_name} in '
+                               f'{self.subs["image"].topic_name}')
 
     # --- callbacks: decode and hand over, never touch the model ---------------------------------------
     def _on_image(self, msg):
@@ -172,7 +177,7 @@ class LDMSegNode(WorkerNode):
         if result.failed:
             self.report('failed', result.detail)
             return
-        if not self.mailbox.closed:
+        if self.active:
             header = frame.source
             self.instances_pub.publish(numpy_to_image_msg(result.ids.astype(np.uint16), 'mono16', header))
             if result.points is not None:

@@ -35,8 +35,8 @@ from .markers import marker_array, MarkerTracker
 from .params import ParameterError
 from .queries import parse_query, QueryError, SampleFilter
 from .runner import EXIT_BAD_ARGUMENTS, run_node
-from .worker_node import (image_transport_setting, OUTPUT_QOS, QosSettings, STATE_QOS, subscription_qos,
-                          WorkerNode)
+from .worker_node import (autostart_setting, image_transport_setting, OUTPUT_QOS, QosSettings, STATE_QOS,
+                          subscription_qos, WorkerNode)
 
 NODE_NAME = 'diffseg'
 IMAGE_TOPIC, QUERY_TOPIC = 'image', 'query'   # relative: remap or namespace them
@@ -61,6 +61,7 @@ class NodeSettings:
     image_transport: str = image_transport_setting()
     output: OutputSettings = section(OutputSettings, '')   # shared with `diffseg bag`
     diagnostics_period: float = setting(1.0, 'seconds between /diagnostics reports', low=0.05, high=3600.0)
+    autostart: bool = autostart_setting()
     marker_lifetime: float = setting(0.0, 'lifetime (s) of ~/markers; 0 = twice the measured result period',
                                      low=0.0, high=3600.0, runtime=True)
 
@@ -85,36 +86,36 @@ class ReloadCall:
 
 
 class SegmentationNode(WorkerNode):
-    """Raises ParameterError or ModelLoadError from the constructor when it cannot start."""
+    """Raises ParameterError, or ModelLoadError (autostart), from the constructor when it cannot start."""
 
     STATUS_NAME = 'diffseg: segmentation'
     WAITING_LABEL = 'frames without query'
 
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, NodeSettings, **kwargs)
-        engine = self.settings.engine
-        self.get_logger().info(f"loading model '{engine.segmenter.model_path or 'embedded'}' "
-                               f'({engine.segmenter.device}, {engine.segmenter.dtype})')
-        try:
-            self.engine = QueryEngine(engine, on_learn=self._publish_learn,
-                                      wake=lambda: self.mailbox.put('poll', True))
-        except ValueError as err:   # e.g. a layer index this UNet does not have
-            raise ParameterError(str(err)) from None
-        self.info = self.engine.describe()   # method '' became the model's recommendation
-        self.get_logger().info(f"method {self.info['method']}{' + dense CRF' if self.info['crf'] else ''}")
+        self.info = {}
         self.depth = DepthCache()
         self.markers = MarkerTracker(self.settings.marker_lifetime)
         self.query_set = False      # a non-empty query was received (checked by the image callback)
         self.parsed = parse_query('')
         self.query_samples = SampleFilter()
-        self._concepts_loaded(self.engine.reload())
-        self._create_interfaces()
         self.start()
-        self._publish_state()   # last: tells clients the node is ready
-        self.get_logger().info(f'ready: segmenting {self.image_sub.topic_name} for the phrases on '
-                               f'{self.query_sub.topic_name}')
 
-    def _create_interfaces(self):
+    def load_engine(self):
+        engine = self.settings.engine
+        self.get_logger().info(f"loading model '{engine.segmenter.model_path or 'embedded'}' "
+                               f'({engine.segmenter.device}, {engine.segmenter.dtype})')
+        try:
+            loaded = QueryEngine(engine, on_learn=self._publish_learn,
+                                 wake=lambda: self.mailbox.put('poll', True))
+        except ValueError as err:   # e.g. a layer index this UNet does not have
+            raise ParameterError(str(err)) from None
+        self.info = loaded.describe()   # method '' became the model's recommendation
+        self.get_logger().info(f"method {self.info['method']}{' + dense CRF' if self.info['crf'] else ''}")
+        self._concepts_loaded(loaded.reload())
+        return loaded
+
+    def create_outputs(self):
         self.semantic_pub = self.create_publisher(Image, '~/semantic', OUTPUT_QOS)
         self.mask_pub = self.create_publisher(Image, '~/mask', OUTPUT_QOS)
         self.overlay_pub = self.create_publisher(Image, '~/overlay', OUTPUT_QOS)
@@ -123,6 +124,9 @@ class SegmentationNode(WorkerNode):
         self.assignments_pub = self.create_publisher(String, '~/assignments', OUTPUT_QOS)
         self.markers_pub = self.create_publisher(MarkerArray, '~/markers', OUTPUT_QOS)
         self.learn_status_pub = self.create_publisher(String, '~/learn_status', STATE_QOS)
+
+    def create_inputs(self):
+        """Subscribe, then confirm the (kept) queries: the latched ~/queries tells clients it is ready."""
         sensor_qos = subscription_qos(self.settings.qos)
         self.image_sub = self.subscribe_image(IMAGE_TOPIC, self._on_image, sensor_qos)
         self.depth_sub = self.create_subscription(Image, DEPTH_TOPIC, self.depth.add_depth, sensor_qos)
@@ -137,11 +141,11 @@ class SegmentationNode(WorkerNode):
         # Its own group: the call waits for the worker while the other callbacks go on (multi-threaded spin).
         self.reload_srv = self.create_service(Trigger, '~/reload_concepts', self._on_reload,
                                               callback_group=MutuallyExclusiveCallbackGroup())
-
-    def close(self):
-        """Stop the worker (it finishes the frame in progress, if any, without publishing) and training."""
-        super().close()
-        self.engine.close()
+        if self.parsed.phrases:   # queries set before a cleanup apply to the new engine too
+            self.mailbox.put('queries', self.parsed)
+        self._publish_state()
+        self.get_logger().info(f'ready: segmenting {self.image_sub.topic_name} for the phrases on '
+                               f'{self.query_sub.topic_name}')
 
     # --- callbacks: decode and hand over, never touch the model ---------------------------------------
     def _on_image(self, msg):
@@ -223,7 +227,7 @@ class SegmentationNode(WorkerNode):
         try:
             result = self.engine.process(frame.rgb)
             latency = time.perf_counter() - start
-            if result is not None and not self.mailbox.closed:
+            if result is not None and self.active:
                 self._publish_result(frame, result, latency)
         except Exception as err:   # one bad frame must not stop the node
             self.report('failed', f'segmentation failed: {type(err).__name__}: {err}')
