@@ -11,7 +11,8 @@ from test_node_startup import assert_clear_failure
 from tiny_models import save_tiny_layout
 
 
-@pytest.mark.parametrize('layout, method', [('two_level', 't2m'), ('sd2', 'stableseg')])
+@pytest.mark.parametrize('layout, method', [('sd1', 'cross'), ('two_level', 't2m'), ('three_level', 't2m'),
+                                            ('sd2', 'stableseg')])
 def test_node_serves_a_layout_at_the_models_own_size(launcher, tmp_path, layout, method):
     folder = save_tiny_layout(layout, str(tmp_path / layout))
     node = launcher.start('image_size:=0', f'method:={method}', model_path=folder)
