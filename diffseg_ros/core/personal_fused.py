@@ -24,8 +24,8 @@ import time
 import numpy as np
 import torch
 
-from .appearance import (FEATURE_LAYERS, PROTOTYPE_SCALES, AppearanceError, Prototypes, feature_map, grid_weights,
-                         load_prototypes, pool, rescale_view)
+from .appearance import (FEATURE_LAYERS, PROTOTYPE_SCALES, AppearanceError, Prototypes, feature_map,
+                         grid_weights, load_prototypes, pool, rescale_view)
 from .fusion import EVIDENCES, Calibration, assign, fuse, standardise_all
 from .images import check_rgb
 from .instances import (add_plain_instance, describe_segments, InstanceQuery, InstanceResult, QueryResult,

@@ -43,9 +43,9 @@ TEXT_CACHE_SIZE = 8
 
 @dataclass
 class SegmenterConfig(ModelConfig):
-    method: str = setting('', "segmentation method: T2M SelfCross, StableSeg, plain cross-attention, or IOSD's "
-                              "learned head; '' = the model's recommendation (its diffseg_defaults.json, with "
-                              "its CRF choice), else t2m", choices=('', *METHODS))
+    method: str = setting('', "segmentation method: T2M SelfCross, StableSeg, plain cross-attention, or "
+                              "IOSD's learned head; '' = the model's recommendation (its "
+                              "diffseg_defaults.json, with its CRF choice), else t2m", choices=('', *METHODS))
     head_path: str = setting('', "iosd: folder of the learned head; '' = the model folder's own heads/iosd/ "
                                  '(the embedded head with the embedded model)')
     layer_weights: bool = setting(True, "stableseg: use the model's learned per-layer weights (StableSeg++) "

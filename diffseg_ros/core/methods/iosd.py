@@ -21,7 +21,7 @@ def scores(capture, spans, head, features, embeddings, **_):
     `features` holds the forward's block outputs, `embeddings` [1, T, D] the prompt's text features.
     """
     feats, text, prior = heads.head_inputs(head.config, features, capture.cross, spans, embeddings[:1],
-                                     capture.layer_size)
+                                           capture.layer_size)
     with torch.inference_mode():
         logits, presence = head([f[:1] for f in feats], text, prior)
         probs = head.probabilities(logits, presence)[0]
