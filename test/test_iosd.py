@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg_ros.core.heads import HeadLoadError, IOSDHead, IOSDHeadConfig, load_head
-from diffseg_ros.core.sd_models import EMBEDDED_MODEL, ModelLoadError, load_sd_components
+from diffseg_ros.core.heads.iosd import HeadLoadError, IOSDHead, IOSDHeadConfig, load_head
+from diffseg_ros.core.masks import iou
+from diffseg_ros.core.model_folder import ModelLoadError
+from diffseg_ros.core.sd_models import EMBEDDED_MODEL, load_sd_components
 from diffseg_ros.core.segmenter import Segmenter, SegmenterConfig
 from diffseg_ros.synthworld import generate_scene, parse_caption
 from diffseg_ros.synthworld.splits import (SEEN_CATEGORIES, UNSEEN_CATEGORIES, UNSEEN_COMBOS, object_split,
@@ -141,8 +143,8 @@ def test_iosd_segments_from_one_forward_and_matches_the_cache(tiny_run, tiny_sd)
     tensors, vmeta, info = train_head.open_cache(cfg.val_cache)
     data = train_head.CachedForwards(tensors, vmeta, info['feature_names'], info['cross_names'])
     with torch.no_grad():
-        logits, presence, *_ = train_head.run_head(seg.head, data, [0])
-        probs = seg.head.probabilities(logits, presence)[0]
+        logits, presence, *_ = train_head.run_head(seg.settings.head, data, [0])
+        probs = seg.settings.head.probabilities(logits, presence)[0]
     cached = torch.nn.functional.interpolate(probs[None], size=(128, 128), mode='bilinear')[0].numpy()
     # same features (the cache holds them in fp16; the segmenter resizes in two steps): close, not equal
     diff = np.abs(cached - result.probabilities)
@@ -168,16 +170,16 @@ def test_stableseg_layer_weights_are_used_when_present(tiny_model_dir, tmp_path)
     sd = load_sd_components(str(model))
     plain = Segmenter(SegmenterConfig(model_path=str(model), method='stableseg', image_size=64),
                       components=sd)
-    cross, selfs = plain.cross_layers, plain.self_layers
-    weights = dict(cross={n: float(i + 1) for i, n in enumerate(cross)}, self={n: 1.0 for n in selfs})
-    defaults = {'methods': {'stableseg': {'layer_weights': weights}}}
+    weights = {n: float(i + 1) for i, n in enumerate(plain.settings.cross_layers)}
+    defaults = {'methods': {'stableseg': {'layer_weights': {'cross': weights}}}}
     (model / 'diffseg_defaults.json').write_text(json.dumps(defaults))
     sd2 = load_sd_components(str(model))
     learned = Segmenter(SegmenterConfig(model_path=str(model), method='stableseg', image_size=64),
                         components=sd2)
     uniform = Segmenter(SegmenterConfig(model_path=str(model), method='stableseg', image_size=64,
                                         layer_weights=False), components=sd2)
-    assert learned.layer_weights == weights and uniform.layer_weights is None
+    assert learned.settings.layer_weights == weights and uniform.settings.layer_weights is None
+    assert plain.settings.layer_weights is None and 'layer_weights' in learned.describe()
     rgb = generate_scene(5, width=64).rgb
     a = learned.segment(rgb, ['red mug', 'blue bottle']).probabilities
     b = uniform.segment(rgb, ['red mug', 'blue bottle']).probabilities
@@ -195,7 +197,7 @@ def embedded_iosd():
 
 @embedded
 def test_embedded_head_is_fingerprinted_to_the_embedded_model(embedded_iosd):
-    assert embedded_iosd.head.config.base_fingerprint == embedded_iosd.sd.fingerprint()
+    assert embedded_iosd.settings.head.config.base_fingerprint == embedded_iosd.sd.fingerprint()
     assert embedded_iosd.describe()['head']['path'].endswith(os.path.join('heads', 'iosd'))
 
 
@@ -205,7 +207,7 @@ REGRESSION_SEEDS = range(3_000_000_100, 3_000_000_106)
 
 @embedded
 def test_embedded_head_regression_on_a_fixed_draw(embedded_iosd):
-    from diffseg_ros.tools.evaluate import absent_queries, iou
+    from diffseg_ros.tools.evaluate import absent_queries
     seen, unseen, fp = [], [], []
     for seed in REGRESSION_SEEDS:
         scene = generate_scene(seed, width=128)

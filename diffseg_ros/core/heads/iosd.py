@@ -271,8 +271,9 @@ def save_head(head, folder, card=None, extra_config=None):
 def load_head(folder, sd=None, device='cpu', dtype=torch.float32):
     """Load a head folder; with `sd` (SDComponents) refuse a head trained on another base model."""
     if not folder or not os.path.isdir(folder):
-        raise HeadLoadError(f'method iosd needs a trained head: no head folder {folder or "(model in memory)"}'
-                            '; set head_path, or train one with `diffseg train head`')
+        where = folder or '(model in memory)'
+        raise HeadLoadError(f'method iosd needs a trained head: no head folder {where}; set head_path, '
+                            'or train one with `diffseg train head`')
     for name in (WEIGHTS, CONFIG):
         if not os.path.isfile(os.path.join(folder, name)):
             raise HeadLoadError(f'head folder {folder} is incomplete: missing {name}')
