@@ -138,7 +138,7 @@ class ForwardRunner:
             return self.seg.encode(pixels.to(self.sd.device, self.sd.dtype)), where
 
     def prompt(self, queries):
-        """The segmenter's composed prompt of a query list (PromptTokens)."""
+        """Return the segmenter's composed prompt of a query list (PromptTokens)."""
         self.seg.set_queries(list(queries))
         return self.seg.prompt
 
