@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..core.attention import transformer_blocks
 from ..core.heads.iosd import IOSDHead, IOSDHeadConfig, prior_from_maps, save_head
+from ..core.masks import iou
 from ..core.sd_models import load_sd_components
 from ..core.settings import add_arguments, from_arguments, setting
 from ..core.train_loop import run_steps
@@ -232,31 +233,9 @@ def loss_fn(logits, presence, target, valid, present, cfg):
 
 
 # --- evaluation on a cache ---------------------------------------------------------------------------
-def iou(a, b):
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 0.0
-
-
-@torch.no_grad()
-def evaluate_cache(head, data, batch=16):
-    """Per-query IoU (single: prob > 0.5; composed: argmax with a 0.5 background), absent-object FP rate."""
-    head.eval()
-    rows = []
-    for start in range(0, len(data), batch):
-        idx = list(range(start, min(len(data), start + batch)))
-        logits, presence, target, valid, present, qs = run_head(head, data, idx)
-        probs = head.probabilities(logits, presence)
-        probs = F.interpolate(probs, size=target.shape[-2:], mode='bilinear', align_corners=False)
-        for j, q in enumerate(qs):
-            p = probs[j, :len(q)]
-            labels = torch.cat([torch.full_like(p[:1], 0.5), p]).argmax(0)
-            for kk, i in enumerate(q):
-                meta = data.meta[i]
-                mask = (labels == kk + 1).numpy()
-                truth = target[j, kk].numpy() > 0.5
-                rows.append(dict(meta, iou=iou(mask, truth) if meta['present'] else None,
-                                 area=float(mask.mean())))
-    return summarise_rows(rows)
+def evaluate_cache(head, data):
+    """Per-query IoU (argmax with a 0.5 background), absent-object false-positive rate."""
+    return score_predictions(cache_predictions(head, data), 0.5, head.config.presence_threshold)
 
 
 @torch.no_grad()
