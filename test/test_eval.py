@@ -23,8 +23,14 @@ def test_iou_and_summary_by_hand():
 
 def test_method_names_select_the_method_and_the_crf():
     base = SegmenterConfig(image_size=64)
-    assert method_config(base, 'stableseg') == SegmenterConfig(image_size=64, method='stableseg', crf=False)
+    # 'stableseg' is the paper's (uniform layer weights), 'stableseg++' the model's learned weights
+    assert method_config(base, 'stableseg') == SegmenterConfig(image_size=64, method='stableseg', crf=False,
+                                                               layer_weights=False)
+    assert method_config(base, 'stableseg+++crf') == SegmenterConfig(image_size=64, method='stableseg',
+                                                                     crf=True, layer_weights=True)
     assert method_config(base, 't2m+crf') == SegmenterConfig(image_size=64, method='t2m', crf=True)
+    assert method_config(base, 'mine+crf', {'mine': '/h'}) == SegmenterConfig(image_size=64, method='iosd',
+                                                                              crf=True, head_path='/h')
     with pytest.raises(ValueError, match='only one is'):
         method_config(base, 't2m+magic')
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffseg_ros.core.appearance import (PROTOTYPE_FILE, AppearanceError, FeatureCapture, Prototypes,
-                                         feature_map, grid_weights, load_prototypes, pool, rescale_view,
-                                         save_prototypes)
+from diffseg_ros.core.appearance import (PROTOTYPE_FILE, AppearanceError, Prototypes, feature_map,
+                                         grid_weights, load_prototypes, pool, rescale_view, save_prototypes)
+from diffseg_ros.core.features import FeatureCapture
 from diffseg_ros.core.fusion import Calibration, assign, fit_weights, fuse, standardise, standardise_all
 from diffseg_ros.core.proposals import (ProposalConfig, adjacency, clean_pieces, merge_by_attention,
                                         objectness, proposal_recall, propose, region_means, superpixels)

@@ -30,8 +30,9 @@ def stamp_sec(msg):
 
 def test_starts_with_empty_latched_state(diffseg):
     state = json.loads(diffseg.state.wait_for().data)
-    assert state == {'queries': [], 'method': 't2m', 'crf': False, 'mode': 'semantic', 'truncated': [],
-                     'warnings': [], 'concepts': [], 'refused_concepts': []}
+    assert state == {'queries': [], 'method': 't2m', 'crf': False, 'head': None, 'layer_weights': 'uniform',
+                     'mode': 'semantic', 'truncated': [], 'warnings': [], 'concepts': [],
+                     'refused_concepts': []}
 
 
 def test_images_before_any_query_publish_nothing_and_warn(diffseg):

@@ -34,7 +34,7 @@ def test_incomplete_model_folder_names_the_missing_files(launcher, tmp_path):
 
 @pytest.mark.parametrize('param, message', [
     ('method:=kmeans',
-     "invalid parameter: method must be one of '', 'cross', 'stableseg', 't2m', got 'kmeans'"),
+     "invalid parameter: method must be one of '', 'cross', 'stableseg', 't2m', 'iosd', got 'kmeans'"),
     ('noise_samples:=many', "invalid parameter: noise_samples: Trying to set parameter 'noise_samples' to "
                             "'many' of type 'STRING', expecting type 'INTEGER'"),
     ('qos.image.reliability:=sometimes', "qos.image.reliability must be 'best_effort' or 'reliable'"),

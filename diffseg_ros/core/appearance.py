@@ -33,42 +33,6 @@ class AppearanceError(ValueError):
     """A prototype file cannot be read or does not fit the loaded model."""
 
 
-# --- capture ---------------------------------------------------------------------------------------------
-class FeatureCapture:
-    """Context manager: forward hooks storing the outputs [B, C, h, w] of named UNet modules (float32).
-
-    Use around the one forward that also captures attention (e.g. `Segmenter.attend`), so features cost no
-    extra UNet pass.
-    """
-
-    def __init__(self, unet, names=FEATURE_LAYERS):
-        self.unet, self.names = unet, tuple(names)
-        self.features = {}
-        self._hooks = []
-
-    def __enter__(self):
-        modules = dict(self.unet.named_modules())
-        missing = [n for n in self.names if n not in modules]
-        if missing:
-            raise ValueError(f'the UNet has no module {missing[0]!r} to read features from')
-        self.features = {}
-        for name in self.names:
-            self._hooks.append(modules[name].register_forward_hook(self._hook(name)))
-        return self
-
-    def _hook(self, name):
-        def store(module, inputs, output):
-            value = output[0] if isinstance(output, (tuple, list)) else output
-            self.features[name] = value.detach().float()
-        return store
-
-    def __exit__(self, *exc):
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        return False
-
-
 def feature_map(features, names, grid_size=None):
     """Concatenate the captured features of `names` (mean over the batch, i.e. noise draws) -> [C, h, w].
 

@@ -25,8 +25,8 @@ import time
 import numpy as np
 import torch
 
-from .appearance import (FEATURE_LAYERS, PROTOTYPE_SCALES, AppearanceError, FeatureCapture, Prototypes,
-                         feature_map, grid_weights, load_prototypes, pool, rescale_view)
+from .appearance import (FEATURE_LAYERS, PROTOTYPE_SCALES, AppearanceError, Prototypes, feature_map,
+                         grid_weights, load_prototypes, pool, rescale_view)
 from .fusion import EVIDENCES, Calibration, assign, fuse, standardise_all
 from .images import check_rgb, resize_labels
 from .instances import (add_plain_instance, describe_segments, InstanceQuery, InstanceResult, QueryResult,
@@ -110,9 +110,8 @@ class FusedPersonalSegmenter:
         kept = self.seg.set_queries(list(prompts) + [w for w in self.stuff_words if w not in prompts])
         fit = self.config.fit_prompt and self.library is not None
         with (self.library.fitted([self.seg.prompt.text]) if fit else nullcontext()):
-            with FeatureCapture(self.seg.sd.unet, self.config.feature_layers) as features:
-                frame = self.seg.attend(rgb)
-        return dict(kept=kept, frame=frame, features=features.features, prompt=self.seg.prompt)
+            frame = self.seg.attend(rgb, feature_layers=self.config.feature_layers)
+        return dict(kept=kept, frame=frame, features=frame.features, prompt=self.seg.prompt)
 
     def token_maps(self, read, groups):
         """Mean cross-attention of token groups (lists of prompt positions) at input size [G, h, w]."""

@@ -64,9 +64,14 @@ class SDComponents:
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def fingerprint(self):
-        """Short hash identifying the base model (configs and token embeddings), for concept files."""
+        """Short hash identifying the base model (configs and token embeddings), for concept and head files.
+
+        Config keys naming the folder or library versions ('_name_or_path', 'transformers_version', ...) are
+        left out: the same model must keep its fingerprint in another checkout or installation.
+        """
         digest = hashlib.sha256()
-        configs = (self.text_encoder.config.to_dict(), dict(self.unet.config))
+        configs = [{k: v for k, v in config.items() if not (k.startswith('_') or k.endswith('_version'))}
+                   for config in (self.text_encoder.config.to_dict(), dict(self.unet.config))]
         digest.update(json.dumps(configs, sort_keys=True, default=str).encode())
         emb = self.text_encoder.get_input_embeddings().weight[:4096].detach().float().cpu()
         digest.update(emb.numpy().tobytes())

@@ -3,8 +3,9 @@
 All active queries share one composed prompt, whose text embedding is cached per query set; the image
 latent is computed once per frame; the method reads the attention it needs from that single pass.
 
-What a Segmenter runs with (method, timestep, layers, input size, background words) is resolved in one
-place, `resolve`, from its config and the model folder's recommendations (diffseg_defaults.json).
+What a Segmenter runs with (method, timestep, layers, input size, background words, a learned head or
+layer weights) is resolved in one place, `resolve`, from its config, the model folder's recommendations
+(diffseg_defaults.json) and, for iosd, the head's own settings.
 Other core parts (instances, concepts) use the typed methods below: prompt tokens, attention of a frame,
 method scores, and the mapping of score maps back to the frame.
 """
@@ -20,6 +21,8 @@ import torch
 from . import crf
 from .attention import AttentionCapture, attention_heads, has_self_attention, resolve_layers, \
     transformer_blocks
+from .features import FeatureCapture
+from .heads.iosd import embedded_head_path, load_head
 from .images import check_rgb, ImageProcessor, resize_labels
 from .methods import METHODS
 from .model_folder import ModelConfig, ModelLoadError
@@ -41,9 +44,14 @@ TEXT_CACHE_SIZE = 8
 
 @dataclass
 class SegmenterConfig(ModelConfig):
-    method: str = setting('', "segmentation method: T2M SelfCross, StableSeg, or plain cross-attention; "
-                              "'' = the model's recommendation (its diffseg_defaults.json, with its CRF "
-                              "choice), else t2m", choices=('', *METHODS))
+    method: str = setting('', "segmentation method: T2M SelfCross, StableSeg, plain cross-attention, or "
+                              "IOSD's learned head; '' = the model's recommendation (its "
+                              "diffseg_defaults.json, with its CRF choice), else t2m", choices=('', *METHODS))
+    head_path: str = setting('', "iosd: folder of the learned head; '' = the model folder's own heads/iosd/ "
+                                 '(the embedded head with the embedded model)')
+    layer_weights: bool = setting(True, "stableseg: use the model's learned per-layer weights (StableSeg++) "
+                                        "when its diffseg_defaults.json holds them; false = the paper's "
+                                        'uniform mean')
     image_size: int = setting(0, 'long side in pixels of the image fed to the model; 0 = model default',
                               low=64, high=2048, also=(0,))
     min_image_size: int = setting(0, 'frames between this and image_size keep their own size; 0 = always '
@@ -87,6 +95,8 @@ class Resolved:
     self_layers: tuple
     background_words: tuple      # appended to every prompt (none on the instance path)
     stuff_words: tuple           # the words for what is not an object: the instance path's own phrases
+    head: object = None          # iosd: the loaded IOSDHead
+    layer_weights: dict = None   # stableseg: learned weights {cross layer: w} (StableSeg++); None = uniform
 
 
 def read_model_defaults(model_path):
@@ -104,14 +114,15 @@ def read_model_defaults(model_path):
     return defaults
 
 
-def resolve(config, sd, model_defaults, instances=False):
+def resolve(config, sd, model_defaults, instances=False, load=load_head):
     """Resolve a config against the model: the one place recommendations and paper defaults apply.
 
     Semantic path: method '' = the model's recommendation (and its CRF choice; an explicit CRF stays on),
     else t2m. Instance path (`instances`): T2M's layers and noise at INSTANCE_TIMESTEP (an explicitly
     configured t2m keeps its timestep and layers), the stuff words as phrases of their own rather than
     background words, and frames at their own size down to the model's training size, where learned
-    concepts bind (their K/V do not carry over to resampled frames).
+    concepts bind (their K/V do not carry over to resampled frames). iosd: the head (`load(folder, sd)`)
+    fixes the layers it reads and, unless configured, the timestep and input size it was trained at.
     """
     method, crf_on = config.method, config.crf
     timestep, cross, selfs = config.timestep, config.cross_layers, config.self_layers
@@ -127,7 +138,11 @@ def resolve(config, sd, model_defaults, instances=False):
             raise ModelLoadError(f'{DEFAULTS_FILE} of the model recommends an unknown method {method!r} '
                                  f'(known: {sorted(METHODS)})')
         crf_on = crf_on or bool(model_defaults.get('crf', False))
-    own = model_defaults.get('methods', {}).get(method, {})
+    own = dict(model_defaults.get('methods', {}).get(method, {}))
+    head = load(head_folder(config, sd), sd) if getattr(METHODS[method], 'NEEDS_HEAD', False) else None
+    if head is not None:
+        own.update(timestep=head.config.timestep, cross=head.config.cross_blocks, self=[])
+        model_defaults = dict(model_defaults, image_size=head.config.image_size)
     words = tuple(config.background_words or model_defaults.get('background_words', DEFAULT_BACKGROUND_WORDS))
     # model-derived sizes are used as they are (a 32-px model is not a user error), at least one padded cell
     image_size = config.image_size or max(int(model_defaults.get('image_size') or sd.native_image_size),
@@ -139,7 +154,25 @@ def resolve(config, sd, model_defaults, instances=False):
         image_size=image_size,
         min_image_size=config.min_image_size or (min(sd.native_image_size, image_size) if instances else 0),
         cross_layers=tuple(cross), self_layers=tuple(selfs),
-        background_words=() if instances else words, stuff_words=words)
+        background_words=() if instances else words, stuff_words=words, head=head,
+        layer_weights=learned_layer_weights(own, cross) if config.layer_weights else None)
+
+
+def head_folder(config, sd):
+    """Return the folder of the head an iosd segmenter loads: head_path, else the model folder's own."""
+    if config.head_path:
+        return os.path.abspath(os.path.expanduser(config.head_path))
+    return embedded_head_path(sd.path) if sd.path else ''
+
+
+def learned_layer_weights(own, cross_layers):
+    """Return the model's learned cross-attention layer weights when they cover exactly the layers in use.
+
+    StableSeg++ fits one weight per CAPM layer (diffseg_defaults.json: methods.<method>.layer_weights.cross);
+    other layers (configured by hand) keep the uniform mean (None).
+    """
+    weights = own.get('layer_weights', {}).get('cross')
+    return weights if weights and set(weights) == set(cross_layers) else None
 
 
 def resolve_attention(config, sd, method, own, chosen, image_size):
@@ -229,6 +262,7 @@ class FrameAttention:
     timings: dict
     # uint8 [h, w, 3]: the frame at the size per-pixel work runs at, its own or the model input's if smaller
     image: np.ndarray = field(repr=False, default=None)
+    features: dict = field(default_factory=dict)    # name -> [B, C, h, w] outputs of the requested modules
 
 
 @dataclass
@@ -253,6 +287,7 @@ class Segmenter:
         self.model_defaults = read_model_defaults(self.sd.path)
         self.images = ImageProcessor(self.sd.pad_multiple, self.sd.vae_scale_factor)
         self.instances = instances
+        self._heads = {}             # folder -> loaded head (set_config resolves again on runtime changes)
         self._text_cache = OrderedDict()
         self.prompt = None
         self.settings = None
@@ -264,7 +299,7 @@ class Segmenter:
 
         Prompt embeddings are recomputed only when the prompt changes (method prefix, background words).
         """
-        settings = resolve(config.validate(), self.sd, self.model_defaults, self.instances)
+        settings = resolve(config.validate(), self.sd, self.model_defaults, self.instances, self._head)
         old = self.settings
         self.config, self.settings, self.method = config, settings, METHODS[settings.method]
         prompt_changed = old is not None and (old.method, old.background_words) != (settings.method,
@@ -272,12 +307,23 @@ class Segmenter:
         if prompt_changed:
             self.clear_text_cache()
 
+    def _head(self, folder, sd):
+        """Load a head folder once (refused when trained on another base model)."""
+        if folder not in self._heads:
+            self._heads[folder] = load_head(folder, sd, sd.device, sd.dtype)
+        return self._heads[folder]
+
     def describe(self):
-        """Return static facts for diagnostics."""
+        """Return static facts for diagnostics (and ~/queries): settings, the loaded head, layer weights."""
         s = self.settings
-        return dict(model=self.sd.path, device=str(self.sd.device), dtype=self.config.dtype, method=s.method,
-                    crf=s.crf, timestep=s.timestep, image_size=s.image_size,
-                    cross_layers=list(s.cross_layers), self_layers=list(s.self_layers))
+        facts = dict(model=self.sd.path, device=str(self.sd.device), dtype=self.config.dtype, method=s.method,
+                     crf=s.crf, timestep=s.timestep, image_size=s.image_size,
+                     cross_layers=list(s.cross_layers), self_layers=list(s.self_layers))
+        if s.head is not None:
+            facts['head'] = s.head.describe()
+        if s.layer_weights is not None:
+            facts['layer_weights'] = 'learned (StableSeg++)'
+        return facts
 
     # --- queries -------------------------------------------------------------------------------------
     def set_queries(self, queries):
@@ -340,10 +386,11 @@ class Segmenter:
         result.timings['total'] = sum(result.timings.values())
         return result
 
-    def attend(self, rgb, cross_layers=None, self_layers=None):
+    def attend(self, rgb, cross_layers=None, self_layers=None, feature_layers=None):
         """One VAE encode + one UNet forward on a frame with the active prompt; the capture holds the maps.
 
         Layers default to the method's; other core features (instances, concepts) pass their own.
+        `feature_layers`: UNet modules whose outputs the frame keeps (default: what the method's head reads).
         """
         if self.prompt is None:
             raise ValueError('no active query: call set_queries() first')
@@ -351,6 +398,8 @@ class Segmenter:
         s = self.settings
         cross = s.cross_layers if cross_layers is None else cross_layers
         selfs = s.self_layers if self_layers is None else self_layers
+        if feature_layers is None:
+            feature_layers = s.head.config.feature_blocks if s.head is not None else ()
         start = time.perf_counter()
         with torch.inference_mode():
             resized = self.images.fit(rgb, self.input_size(max(rgb.shape[:2])))
@@ -359,18 +408,21 @@ class Segmenter:
             encoded = time.perf_counter()
             text = self.prompt.embeddings.expand(len(latents), -1, -1)
             timesteps = torch.tensor([s.timestep] * len(latents), device=latents.device)
-            with AttentionCapture(self.sd.unet, cross, selfs) as capture:
+            with AttentionCapture(self.sd.unet, cross, selfs) as capture, \
+                    FeatureCapture(self.sd.unet, feature_layers) as features:
                 capture.run(latents, timesteps, text)
         timings = dict(encode=encoded - start, unet=time.perf_counter() - encoded)
         work = rgb if max(rgb.shape[:2]) <= max(resized.shape[:2]) else resized
-        return FrameAttention(capture, self.prompt.spans, where, timings, work)
+        return FrameAttention(capture, self.prompt.spans, where, timings, work, features.features)
 
     def scores(self, frame, spans=None):
         """Return the method's scores [K+1, h, w] (channel 0: background) for the frame's or given spans."""
         s, c = self.settings, self.config
         return self.method.scores(frame.capture, frame.spans if spans is None else spans,
                                   cross_layers=s.cross_layers, self_layers=s.self_layers, tau=c.tau,
-                                  background_threshold=c.background_threshold, box_threshold=c.box_threshold)
+                                  background_threshold=c.background_threshold, box_threshold=c.box_threshold,
+                                  layer_weights=s.layer_weights, head=s.head, features=frame.features,
+                                  embeddings=self.prompt.embeddings)
 
     def to_input(self, maps, frame):
         """Map scores [C, h, w] over the padded model input to [C, h', w'] over `frame.image`.

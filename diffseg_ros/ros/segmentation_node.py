@@ -279,6 +279,7 @@ class SegmentationNode(WorkerNode):
         refused = [{'folder': folder, 'error': why}
                    for folder, why in self.engine.reload_report.refused.items()]
         message = {'queries': queries, 'method': self.info['method'], 'crf': self.info['crf'],
+                   'head': self.info.get('head'), 'layer_weights': self.info.get('layer_weights', 'uniform'),
                    'mode': state.mode,
                    'truncated': self.parsed.dropped + state.truncated,
                    'warnings': self.parsed.warnings + state.warnings,

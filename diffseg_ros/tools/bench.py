@@ -94,7 +94,8 @@ def bare_forward(seg, rgb):
     return run
 
 
-def run_bench(size=256, repeats=3, methods=('cross', 'stableseg', 't2m'), model_path=None, dtype='float32'):
+def run_bench(size=256, repeats=3, methods=('cross', 'stableseg', 't2m'), model_path=None, dtype='float32',
+              head_path=''):
     """Measure bare vs pipeline for 1, 4 and 8 queries per method; return a JSON-able dict."""
     torch.manual_seed(0)
     sd = (load_sd_components(model_path, dtype=dtype) if model_path
@@ -103,7 +104,8 @@ def run_bench(size=256, repeats=3, methods=('cross', 'stableseg', 't2m'), model_
     report = dict(model=model_path or 'SD 1.5 architecture, random weights', size=size, dtype=dtype,
                   threads=torch.get_num_threads(), methods={})
     for method in methods:
-        seg = Segmenter(SegmenterConfig(method=method, image_size=size, dtype=dtype), components=sd)
+        seg = Segmenter(SegmenterConfig(method=method, image_size=size, dtype=dtype, head_path=head_path),
+                        components=sd)
         runs = {'bare': bare_forward(seg, rgb)}
         for n in (1, 4, 8):
             runs[n] = segment_with(seg, rgb, QUERIES[:n])
@@ -117,6 +119,10 @@ def run_bench(size=256, repeats=3, methods=('cross', 'stableseg', 't2m'), model_
             memory_overhead=(peak - bare['peak_mb']) / bare['peak_mb'],
             growth_over_bare_mb=max(r['growth_mb'] for r in rows.values()) - bare['growth_mb'],
             captured_mb=captured_bytes(seg.attend(rgb).capture) / 2 ** 20)
+    if 'cross' in report['methods']:
+        for m in report['methods'].values():
+            cross = report['methods']['cross']['queries'][1]['seconds']
+            m['q1_over_cross_q1'] = m['queries'][1]['seconds'] / cross
     return report
 
 
@@ -199,6 +205,9 @@ def print_report(report):
               f"{m['bare']['peak_mb']:8.0f} {max(r['peak_mb'] for r in q.values()):8.0f} "
               f"{100 * m['memory_overhead']:7.1f} {m['captured_mb']:8.1f}")
     print('targets: pipeline/bare <= 1.15, 8q/1q <= 1.10, memory overhead <= 10 %')
+    for name, m in report['methods'].items():
+        if 'q1_over_cross_q1' in m:
+            print(f"{name:10s} one-query frame / cross-only's: {m['q1_over_cross_q1']:.3f}")
 
 
 def main(args):
@@ -220,7 +229,7 @@ def main(args):
                 json.dump(report, f, indent=1)
         return 0
     report = run_bench(size=512 if args.large else args.size, repeats=args.repeats, methods=args.methods,
-                       model_path=args.model, dtype=args.dtype)
+                       model_path=args.model, dtype=args.dtype, head_path=args.head_path)
     print_report(report)
     if args.json:
         with open(args.json, 'w') as f:
@@ -236,6 +245,7 @@ def add_parser(subparsers):
     p.add_argument('--methods', nargs='+', default=['cross', 'stableseg', 't2m'])
     p.add_argument('--model', default=None, help='a local diffusers folder instead of random SD 1.5 weights')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
+    p.add_argument('--head-path', default='', help="iosd: head folder ('' = the model's own)")
     p.add_argument('--json', default=None, help='write machine-readable results here')
     p.add_argument('--instances', action='store_true',
                    help='fused instance path vs plain semantic path on a SynthMug frame')

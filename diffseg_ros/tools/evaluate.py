@@ -3,13 +3,19 @@
 A query is the caption phrase of one visible object ("red mug"); its IoU compares the query's mask with
 that object's instance truth. Reported: mIoU over all queries, per-category IoU, the composed-prompt
 setting (all of a scene's objects in one prompt, one forward) and one query at a time, plus sweeps of
-timestep and layer choice on a subset. JSON + a PNG report (examples and bar charts). The model sees the
+timestep and layer choice on a subset. One query at a time also reports seen / unseen categories and
+held-out colour-pattern combinations separately (synthworld/splits.py) and asks for two objects that are not
+in the scene (absent-object false positives). 'stableseg' is the paper's (uniform layer weights),
+'stableseg++' the model's learned weights, 'iosd' the model's learned head. JSON + a PNG report (examples
+and bar charts). The model sees the
 scenes at its own default input size (diffseg_defaults.json) unless --image-size says otherwise; the
 truth stays at the rendered size.
 """
 from dataclasses import replace
 import json
 import os
+import statistics
+import time
 
 import numpy as np
 from tqdm import tqdm
@@ -19,52 +25,124 @@ from ..core.masks import iou
 from ..core.sd_models import load_sd_components
 from ..core.segmenter import Segmenter, SegmenterConfig
 from ..synthworld import generate_scene
+from ..synthworld.captions import phrase as make_phrase
+from ..synthworld.splits import UNSEEN_CATEGORIES, all_phrases, object_split
 from . import eval_ldmseg, eval_personal
 
 EVAL_SEED = 1_000_000_000      # held-out scenes start here; training uses seeds below 10^9
 # Each method alone and refined by the dense CRF both papers use (T2M's optional dCRF, part of StableSeg++).
 METHODS = ('cross', 'stableseg', 't2m', 'cross+crf', 'stableseg+crf', 't2m+crf')
+ABSENT_AREA = 0.01             # an absent object's mask above this share of the image is a false positive
 
 
-def method_config(base, name):
-    """Return the config of an evaluated method name: 'stableseg', or 'stableseg+crf' (CRF-refined)."""
-    method, plus, post = name.partition('+')
-    if plus and post != 'crf':
+def method_config(base, name, heads=None):
+    """Return the config of an evaluated method name: 'stableseg', or 'stableseg+crf' (CRF-refined).
+
+    'stableseg' is the paper's (uniform layer weights), 'stableseg++' uses the model's learned weights;
+    names in `heads` ({name: head folder}) are the iosd method with that head.
+    """
+    crf = name.endswith('+crf')
+    method = name[:-4] if crf else name
+    if '+' in method.replace('stableseg++', ''):
+        post = method.split('+')[-1]
         raise ValueError(f"unknown refinement {post!r} in {name!r}: the only one is '+crf'")
-    return replace(base, method=method, crf=bool(plus))
+    if heads and method in heads:
+        return replace(base, method='iosd', crf=crf, head_path=heads[method])
+    if method == 'stableseg++':
+        return replace(base, method='stableseg', crf=crf, layer_weights=True)
+    if method == 'stableseg':
+        return replace(base, method=method, crf=crf, layer_weights=False)
+    return replace(base, method=method, crf=crf)
 
 
 def held_out_scenes(seed, count, size):
     return [generate_scene(seed + i, width=size, height=size) for i in range(count)]
 
 
-def score_scene(seg, scene, mode):
-    """Score each visible object's phrase by IoU; mode 'composed' (one prompt) or 'single'."""
+def absent_queries(scene):
+    """Return two phrases of objects not in the scene's world (a seen and an unseen category).
+
+    Drawn from the scene's seed (splits.py): what a planner may ask for that is not there.
+    """
+    rng = np.random.default_rng([scene.seed, 21])
+    present = {(o.colour, o.category) for o in (scene.spec.objects if scene.spec else scene.objects)}
+    out = []
+    for unseen in (False, True):
+        pool = [p for p in all_phrases() if p not in present and (p[1] in UNSEEN_CATEGORIES) == unseen]
+        colour, category = pool[rng.integers(len(pool))]
+        out.append(make_phrase(colour, category))
+    return out
+
+
+def score_scene(seg, scene, mode, absent=False):
+    """Score each visible object's phrase by IoU; mode 'composed' (one prompt) or 'single'.
+
+    Rows carry the object's split (seen / unseen category / held-out colour-pattern combination). With
+    `absent` (single mode) the scene's absent_queries() are asked too: rows with present=False and the
+    share of the image their mask covers.
+    """
     phrases = [o.phrase for o in scene.objects]
     if mode == 'composed':
         result = seg.segment(scene.rgb, phrases)
         masks = dict(zip(result.queries, result.masks))
     else:
         masks = {p: seg.segment(scene.rgb, [p]).masks[0] for p in phrases}
-    return [dict(query=o.phrase, category=o.category,
-                 iou=iou(masks.get(o.phrase, False), scene.instances == o.instance_id))
+    rows = [dict(query=o.phrase, category=o.category, split=object_split(o.category, o.colour, o.pattern),
+                 present=True, iou=iou(masks.get(o.phrase, False), scene.instances == o.instance_id))
             for o in scene.objects]
+    if absent and mode == 'single':
+        for p in absent_queries(scene):
+            mask = seg.segment(scene.rgb, [p]).masks[0]
+            category = p.split(' ', 1)[1]
+            rows.append(dict(query=p, category=category, split=object_split(category), present=False,
+                             area=float(mask.mean())))
+    return rows
 
 
 def summarise(rows):
+    """Summarise rows: mIoU of present objects, per category and split; absent-object false positives."""
+    absent = [r for r in rows if r.get('present') is False]
+    rows = [r for r in rows if r.get('present', True)]
     categories = sorted({r['category'] for r in rows})
-    return dict(miou=float(np.mean([r['iou'] for r in rows])) if rows else 0.0, queries=len(rows),
-                per_category={c: float(np.mean([r['iou'] for r in rows if r['category'] == c]))
-                              for c in categories})
+    out = dict(miou=float(np.mean([r['iou'] for r in rows])) if rows else 0.0, queries=len(rows),
+               per_category={c: float(np.mean([r['iou'] for r in rows if r['category'] == c]))
+                             for c in categories})
+    if any('split' in r for r in rows):
+        for split in ('seen', 'unseen', 'combo'):
+            vals = [r['iou'] for r in rows if r.get('split') == split]
+            out[f'miou_{split}'] = float(np.mean(vals)) if vals else None
+            out[f'queries_{split}'] = len(vals)
+    if absent:
+        out['absent_queries'] = len(absent)
+        out['absent_fp_rate'] = float(np.mean([r['area'] > ABSENT_AREA for r in absent]))
+        for split in ('seen', 'unseen'):
+            sel = [r['area'] > ABSENT_AREA for r in absent if r['split'] == split]
+            out[f'absent_fp_rate_{split}'] = float(np.mean(sel)) if sel else None
+    return out
 
 
 def evaluate_method(sd, config, scenes, mode='composed', desc=''):
     return evaluate_segmenter(Segmenter(config, components=sd), scenes, mode, desc)
 
 
-def evaluate_segmenter(seg, scenes, mode='composed', desc=''):
-    rows = [row for scene in tqdm(scenes, desc=desc, leave=False) for row in score_scene(seg, scene, mode)]
+def evaluate_segmenter(seg, scenes, mode='composed', desc='', absent=False):
+    rows = [row for scene in tqdm(scenes, desc=desc, leave=False)
+            for row in score_scene(seg, scene, mode, absent)]
     return summarise(rows), rows
+
+
+def frame_costs(segmenters, scenes, repeats=3):
+    """Median seconds of one frame, one query (VAE encode + UNet + method), round-robin over methods."""
+    samples = {name: [] for name in segmenters}
+    for seg in segmenters.values():
+        seg.segment(scenes[0].rgb, [scenes[0].objects[0].phrase])          # warm-up
+    for r in range(repeats):
+        for scene in scenes:
+            for name, seg in segmenters.items():
+                start = time.perf_counter()
+                seg.segment(scene.rgb, [scene.objects[0].phrase])
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def sweeps(sd, base, scenes):
@@ -95,46 +173,64 @@ def sweeps(sd, base, scenes):
 
 
 def run_eval(model_path='', seed=EVAL_SEED, count=100, methods=METHODS, size=128,
-             single_scenes=None, sweep_scenes=0, report_png=None, dtype='float32', image_size=0):
-    """Evaluate on scenes rendered at `size`, seen by the model at `image_size` (0 = the model's default)."""
+             single_scenes=None, sweep_scenes=0, report_png=None, dtype='float32', image_size=0,
+             heads=None, single_methods=None, cost_scenes=0):
+    """Evaluate on scenes rendered at `size`, seen by the model at `image_size` (0 = the model's default).
+
+    heads: {row name: head folder} for iosd rows with other heads; single_methods: the methods also run one
+    query at a time (None = all), with absent-object queries; cost_scenes: frames timed per method.
+    """
     sd = load_sd_components(model_path, dtype=dtype)
     scenes = held_out_scenes(seed, count, size)
     base = SegmenterConfig(model_path=model_path, dtype=dtype, image_size=image_size)
     report = dict(model=sd.path, seed=seed, scenes=count, size=size, methods={})
     for method in methods:
-        seg = Segmenter(method_config(base, method), components=sd)
+        seg = Segmenter(method_config(base, method, heads), components=sd)
         report.setdefault('settings', {})[method] = settings_of(seg)
         composed, rows = evaluate_segmenter(seg, scenes, 'composed', desc=f'{method} composed')
         entry = dict(miou=composed['miou'], composed=composed, composed_rows=rows)
-        if single_scenes != 0:
+        if single_scenes != 0 and (single_methods is None or method in single_methods):
             entry['single'] = evaluate_segmenter(seg, scenes[:single_scenes], 'single',
-                                                 desc=f'{method} single')[0]
+                                                 desc=f'{method} single', absent=True)[0]
         report['methods'][method] = entry
+    if cost_scenes:
+        fresh = {m: Segmenter(method_config(base, m, heads), components=sd) for m in methods}
+        costs = frame_costs(fresh, scenes[:cost_scenes])
+        for m, seconds in costs.items():
+            report['methods'][m]['frame_seconds'] = seconds
+            if 'cross' in costs:
+                report['methods'][m]['frame_cost_vs_cross'] = seconds / costs['cross']
     if sweep_scenes:
         report['sweeps'] = sweeps(sd, base, scenes[:sweep_scenes])
     report['best'] = max(report['methods'], key=lambda m: report['methods'][m]['miou'])
     if report_png:
-        write_report_png(report, sd, base, scenes[:4], report_png)
+        write_report_png(report, sd, base, scenes[:4], report_png, heads)
     return report
 
 
 def settings_of(seg):
-    """Return the settings a segmenter resolved (model input size, timestep, layers), for the report."""
+    """Return the settings a segmenter resolved (model input size, timestep, layers, head), for the report."""
     s = seg.settings
     return dict(image_size=s.image_size, timestep=s.timestep, cross_layers=list(s.cross_layers),
-                self_layers=list(s.self_layers))
+                self_layers=list(s.self_layers), head=seg.describe().get('head'),
+                layer_weights=s.layer_weights)
 
 
-def write_report_png(report, sd, base, scenes, path):
-    """Draw example grids (image / truth / labels per method) and bar charts of mIoU and category IoU."""
+def write_report_png(report, sd, base, scenes, path, heads=None):
+    """Draw example grids (image / truth / labels per method) and bar charts of mIoU and category IoU.
+
+    With single-query results also seen / unseen mIoU and the absent-object false-positive rate.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     methods = list(report['methods'])
-    fig = plt.figure(figsize=(3 * (2 + len(methods)), 3 * (len(scenes) + 2)))
-    grid = fig.add_gridspec(len(scenes) + 2, 2 + len(methods))
-    segmenters = {m: Segmenter(method_config(base, m), components=sd) for m in methods}
+    splits = any('miou_seen' in e.get('single', {}) for e in report['methods'].values())
+    extra = 1 if splits else 0
+    fig = plt.figure(figsize=(3 * (2 + len(methods)), 3 * (len(scenes) + 2 + extra)))
+    grid = fig.add_gridspec(len(scenes) + 2 + extra, 2 + len(methods))
+    segmenters = {m: Segmenter(method_config(base, m, heads), components=sd) for m in methods}
     for r, scene in enumerate(scenes):
         phrases = [o.phrase for o in scene.objects]
         truth = np.zeros(scene.instances.shape, np.int32)
@@ -168,19 +264,48 @@ def write_report_png(report, sd, base, scenes, path):
     ax.set_xticks(np.arange(len(cats)), cats, fontsize=8)
     ax.set_ylabel('IoU per category')
     ax.legend(fontsize=7, ncol=2)
+    if splits:
+        ax = fig.add_subplot(grid[len(scenes) + 2, :])
+        single = [m for m in methods if 'single' in report['methods'][m]]
+        x = np.arange(len(single))
+        for i, (key, label) in enumerate((('miou_seen', 'seen categories'), ('miou_unseen',
+                                                                             'unseen categories'),
+                                          ('absent_fp_rate', 'absent objects: false-positive rate'))):
+            ax.bar(x + (i - 1) * 0.27, [report['methods'][m]['single'].get(key) or 0 for m in single], 0.27,
+                   label=label)
+        ax.set_xticks(x, single)
+        ax.set_ylim(0, 1)
+        ax.set_title('one query at a time')
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
+def _fmt(value):
+    return '  -  ' if value is None else f'{value:.3f}'
+
+
 def main(args):
     single = 0 if args.no_single else args.single_scenes
+    heads = dict(h.split('=', 1) for h in args.heads)
     report = run_eval(args.model, args.seed, args.scenes, tuple(args.methods), args.size, single,
-                      args.sweep_scenes, args.report, args.dtype, args.image_size)
+                      args.sweep_scenes, args.report, args.dtype, args.image_size, heads,
+                      args.single_methods, args.cost_scenes)
     for m, entry in report['methods'].items():
-        single = (f"  single {entry['single']['miou']:.3f} ({entry['single']['queries']} queries)"
-                  if 'single' in entry else '')
-        print(f"{m:10s} mIoU composed {entry['miou']:.3f}{single}  ({entry['composed']['queries']} queries)")
+        c = entry['composed']
+        line = (f"{m:14s} composed {entry['miou']:.3f} (seen {_fmt(c.get('miou_seen'))} unseen "
+                f"{_fmt(c.get('miou_unseen'))}, {c['queries']} queries)")
+        if 'single' in entry:
+            s = entry['single']
+            line += (f"  single {s['miou']:.3f} (seen {_fmt(s.get('miou_seen'))} "
+                     f"unseen {_fmt(s.get('miou_unseen'))}"
+                     f" combo {_fmt(s.get('miou_combo'))}, {s['queries']} queries) absent FP "
+                     f"{_fmt(s.get('absent_fp_rate'))}")
+        if 'frame_seconds' in entry:
+            ratio = _fmt(entry.get('frame_cost_vs_cross'))
+            line += f"  frame {entry['frame_seconds']:.2f} s ({ratio} x cross)"
+        print(line)
     print(f"best: {report['best']}")
     if args.json:
         slim = json.loads(json.dumps(report))
@@ -206,6 +331,12 @@ def add_parser(subparsers):
                    help='one-query-at-a-time on the first N scenes only (default: all)')
     p.add_argument('--sweep-scenes', type=int, default=0,
                    help='run timestep/layer sweeps on this many scenes')
+    p.add_argument('--heads', nargs='*', default=[], metavar='NAME=DIR',
+                   help='extra iosd rows: method NAME uses the head folder DIR (iosd-pseudo=runs/h/export)')
+    p.add_argument('--single-methods', nargs='*', default=None,
+                   help='run only these methods one query at a time (default: all)')
+    p.add_argument('--cost-scenes', type=int, default=0,
+                   help='time one frame per method on this many scenes (round-robin)')
     p.add_argument('--dtype', default='float32')
     p.add_argument('--json', default=None)
     p.add_argument('--report', default=None, help='PNG report path')

@@ -1,5 +1,5 @@
 """`diffseg train VERB`: training of the embedded models."""
-from ..training import train_ldmseg, train_sd
+from ..training import fit_layer_weights, train_head, train_ldmseg, train_sd
 
 
 def add_parser(subparsers):
@@ -7,3 +7,5 @@ def add_parser(subparsers):
     verbs = parser.add_subparsers(dest='train_verb', required=True, metavar='VERB')
     train_sd.add_parser(verbs)
     train_ldmseg.add_parser(verbs)
+    train_head.add_parser(verbs)
+    fit_layer_weights.add_parser(verbs)

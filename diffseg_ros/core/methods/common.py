@@ -13,18 +13,21 @@ def minmax(maps, eps=1e-8):
     return out.view_as(maps)
 
 
-def query_cross_maps(capture, layers, spans, size):
+def query_cross_maps(capture, layers, spans, size, weights=None):
     """Mean over each query's tokens and over layers of cross-attention, at `size`: [B, K, h, w].
 
     Span positions index the prompt with its start token, so the start token is never part of a map.
+    `weights` ({layer: w}, StableSeg++) replaces the uniform mean over layers by a weighted one.
     """
-    total = 0
+    total, norm = 0, 0
     for name in layers:
         probs = capture.cross[name]                      # [B, HW, T]
         h, w = capture.layer_size(probs.shape[1])
         per_query = torch.stack([probs[:, :, span].mean(-1) for span in spans], dim=1)
-        total = total + resize(per_query.view(probs.shape[0], len(spans), h, w), size)
-    return total / len(layers)
+        weight = 1.0 if weights is None else float(weights[name])
+        total = total + weight * resize(per_query.view(probs.shape[0], len(spans), h, w), size)
+        norm += weight
+    return total / norm
 
 
 def finest_size(capture, layers, kind):

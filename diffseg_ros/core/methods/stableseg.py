@@ -43,9 +43,14 @@ def class_attention(layer, masks):
     return probs.transpose(1, 2).reshape(masks.shape).float()
 
 
-def scores(capture, spans, cross_layers, self_layers, background_threshold, **_):
-    """Return the mean of CAPM and SAPM as [K+1, h, w] scores; channel 0 is the background."""
-    capm = minmax(query_cross_maps(capture, cross_layers, spans, finest_size(capture, cross_layers, 'cross')))
+def scores(capture, spans, cross_layers, self_layers, background_threshold, layer_weights=None, **_):
+    """Return the mean of CAPM and SAPM as [K+1, h, w] scores; channel 0 is the background.
+
+    `layer_weights` ({layer: w}, StableSeg++'s learned weights of the cross-attention layers) replaces the
+    uniform mean over the layers of CAPM.
+    """
+    size = finest_size(capture, cross_layers, 'cross')
+    capm = minmax(query_cross_maps(capture, cross_layers, spans, size, layer_weights))
     capm = torch.cat([torch.full_like(capm[:, :1], background_threshold), capm], dim=1)   # [B, K+1, h, w]
     if not self_layers:
         return capm.mean(0)

@@ -1,0 +1,1 @@
+"""Learned heads over the diffusion model's own features (issue 20): IOSD's segmentation module."""
