@@ -8,7 +8,7 @@ from rclpy.parameter import Parameter
 import yaml
 
 from diffseg_ros.core.settings import items
-from diffseg_ros.ros import config_files
+from diffseg_ros.ros import config_files, ldmseg_node
 from diffseg_ros.ros.params import parameter_type
 from diffseg_ros.ros.segmentation_node import CAMERA_INFO_TOPIC, DEPTH_TOPIC, IMAGE_TOPIC, NODE_NAME, \
     NodeSettings, QUERY_TOPIC
@@ -164,15 +164,26 @@ def test_config_files_are_generated_from_the_settings():
     assert config_files.main(['--check']) == 0
 
 
-def test_yaml_and_node_declare_the_same_parameters():
-    assert set(yaml_parameters()) == {item.name for item in EXPOSED}
+# Both nodes' parameter files: (file, node name, exposed settings).
+PARAMETER_FILES = [('diffseg.yaml', NODE_NAME, EXPOSED),
+                   ('ldmseg.yaml', ldmseg_node.NODE_NAME,
+                    [item for item in items(ldmseg_node.NodeSettings) if item.rule.exposed])]
 
 
-@pytest.mark.parametrize('item', EXPOSED, ids=lambda item: item.name)
-def test_yaml_value_has_the_declared_type_and_default(item):
-    value = yaml_parameters()[item.name]
+@pytest.mark.parametrize('file, node_name, exposed', PARAMETER_FILES, ids=[f[0] for f in PARAMETER_FILES])
+def test_yaml_and_node_declare_the_same_parameters(file, node_name, exposed):
+    assert set(yaml_parameters(file, node_name)) == {item.name for item in exposed}
+
+
+@pytest.mark.parametrize('file, node_name, item', [(f, n, item) for f, n, exposed in PARAMETER_FILES
+                                                   for item in exposed],
+                         ids=lambda value: value.name if hasattr(value, 'rule') else str(value))
+def test_yaml_value_has_the_declared_type_and_default(file, node_name, item):
+    value = yaml_parameters(file, node_name)[item.name]
     kind = parameter_type(item)
     assert type(value) is PYTHON_TYPES[kind], f'{item.name}: {value!r} is not {kind.name}'
+    if kind == Parameter.Type.DOUBLE_ARRAY:
+        assert all(type(v) is float for v in value), f'{item.name}: write floats with a decimal point'
     default = list(item.default) if isinstance(item.default, tuple) else item.default
     assert value == default, f'{item.name}: YAML {value!r} is not the node default {default!r}'
 
