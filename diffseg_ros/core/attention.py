@@ -10,6 +10,8 @@ Usage (a small context manager, in the spirit of DAAM):
 
 Only what a method needs is kept. Self-attention is never materialised as an HW x HW matrix: a method
 multiplies it with a map through `propagate`, one fused scaled-dot-product-attention call with V = map.
+Nothing is computed that no one reads: `run` stops the UNet once the last captured block (and any module
+in `stop_after`, e.g. features a head reads) has run; the maps are those of the full forward, bit for bit.
 """
 from dataclasses import dataclass
 import math
@@ -145,6 +147,38 @@ class CaptureProcessor:
         return x.view(b, n, attn.heads, -1).transpose(1, 2)
 
 
+class ForwardDone(Exception):
+    """Raised by a forward hook once every module a caller reads has run: the rest of the UNet is skipped."""
+
+
+class StopAfter:
+    """Context manager: a UNet forward inside raises ForwardDone right after all `names` have run.
+
+    Forward hooks fire in registration order, so enter it after any capture hooking the same modules: they
+    store the module's output before this one stops the forward.
+    """
+
+    def __init__(self, unet, names):
+        self.unet, self.pending, self._hooks = unet, set(names), []
+
+    def __enter__(self):
+        modules = dict(self.unet.named_modules())
+        self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in self.pending]
+        return self
+
+    def _hook(self, name):
+        def done(module, inputs, output):
+            self.pending.discard(name)
+            if not self.pending:
+                raise ForwardDone
+        return done
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        return False
+
+
 class AttentionCapture:
     """Context manager installing capture processors on the named transformer blocks only."""
 
@@ -182,8 +216,20 @@ class AttentionCapture:
         self._saved.clear()
         return False
 
-    def run(self, latents, timestep, text_embeddings):
-        """Run the UNet on latents [B, C, h, w], filling the capture (inside `with`); return its output."""
+    def run(self, latents, timestep, text_embeddings, stop_after=None):
+        """Run the UNet on latents [B, C, h, w], filling the capture (inside `with`).
+
+        stop_after: None runs the whole UNet and returns its output; a tuple of module names (possibly
+        empty) stops the forward once those and every captured block have run, and returns None.
+        """
         self.cross, self.self_qk = {}, {}
         self.latent_size = tuple(latents.shape[-2:])
-        return self.unet(latents, timestep, encoder_hidden_states=text_embeddings, return_dict=False)[0]
+        if stop_after is None:
+            return self.unet(latents, timestep, encoder_hidden_states=text_embeddings, return_dict=False)[0]
+        needed = set(stop_after) | set(self.cross_layers) | set(self.self_layers)
+        try:
+            with StopAfter(self.unet, needed):
+                self.unet(latents, timestep, encoder_hidden_states=text_embeddings, return_dict=False)
+        except ForwardDone:
+            pass
+        return None

@@ -80,6 +80,9 @@ class SegmenterConfig(ModelConfig):
                                          'forms (checked at start); default layers over it move to a '
                                          'coarser level, chosen layers over it are refused', low=1,
                                     high=1_000_000)
+    truncate_forward: bool = setting(True, 'stop the UNet after the last block the method reads (equal '
+                                           'results, less work); false = the whole forward (benchmarks)',
+                                     exposed=False)
 
 
 @dataclass(frozen=True)
@@ -410,7 +413,9 @@ class Segmenter:
             timesteps = torch.tensor([s.timestep] * len(latents), device=latents.device)
             with AttentionCapture(self.sd.unet, cross, selfs) as capture, \
                     FeatureCapture(self.sd.unet, feature_layers) as features:
-                capture.run(latents, timesteps, text)
+                # run hooks its stop after the captures: they have stored what they read first
+                capture.run(latents, timesteps, text,
+                            stop_after=tuple(feature_layers) if self.config.truncate_forward else None)
         timings = dict(encode=encoded - start, unet=time.perf_counter() - encoded)
         work = rgb if max(rgb.shape[:2]) <= max(resized.shape[:2]) else resized
         return FrameAttention(capture, self.prompt.spans, where, timings, work, features.features)
