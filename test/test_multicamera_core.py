@@ -25,7 +25,7 @@ FRAMES = [scene(0), scene(1), scene(2, h=96)]
 
 @pytest.fixture(scope='module')
 def embedded():
-    """The embedded model's components, loaded once (the segmenters below share them)."""
+    """Load the embedded model's components once (the segmenters below share them)."""
     return Segmenter(SegmenterConfig(method='cross', image_size=64)).sd
 
 
@@ -68,3 +68,19 @@ def test_segment_batch_gives_each_frame_its_own_result(embedded, method):
 def test_shape_groups_and_rows_are_frame_major():
     assert shape_groups([(1, 3, 8, 8), (1, 3, 8, 16), (1, 3, 8, 8)]) == [[0, 2], [1]]
     assert batch_rows(3, 2) == [slice(0, 2), slice(2, 4), slice(4, 6)]
+
+
+def test_engine_serves_each_camera_on_both_paths():
+    from diffseg_ros.core.instances import InstanceQuery
+    from diffseg_ros.core.query_engine import EngineConfig, QueryEngine, QueryState
+    engine = QueryEngine(EngineConfig(segmenter=SegmenterConfig(image_size=64)))
+    engine.set_queries(QUERIES)
+    semantic = engine.process_batch(FRAMES[:2], learn_from=None)
+    assert [r.mode for r in semantic] == ['semantic'] * 2
+    assert [r.labels.shape for r in semantic] == [rgb.shape[:2] for rgb in FRAMES[:2]]
+    # The instance path (personal queries) runs its passes frame by frame: same result as alone.
+    engine.state = QueryState([InstanceQuery('red mug', 'red mug', 'mug')], 'instances')
+    together = engine.process_batch(FRAMES[:2])
+    for rgb, result in zip(FRAMES[:2], together):
+        assert result.mode == 'instances'
+        np.testing.assert_array_equal(result.instances, engine.process(rgb).instances)

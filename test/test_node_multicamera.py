@@ -5,6 +5,7 @@ frame (frame_id and stamp); one query set serves both; diagnostics report each c
 values are refused at start with one clear error.
 """
 import json
+from types import SimpleNamespace
 
 import pytest
 from diagnostic_msgs.msg import DiagnosticArray
@@ -12,8 +13,11 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
-from diffseg_ros.ros.cameras import camera_problems
+from diffseg_ros.ros.cameras import camera_problems, make_cameras
+from diffseg_ros.ros.diagnostics import NodeStats
+from diffseg_ros.ros.mailbox import Mailbox
 from diffseg_ros.ros.segmentation_node import EXIT_BAD_PARAMETER
+from diffseg_ros.ros.worker_node import is_frame_slot, WorkerNode
 from ros_harness import diagnostic_values, DiffsegUnderTest, NodeProcess, TIMEOUT
 
 # name: (camera namespace, seed, width, height). Different sizes that pad to one model input: one batch.
@@ -36,7 +40,7 @@ def remaps():
 
 @pytest.fixture(scope='module')
 def served(module_launcher, ros_client, tmp_path_factory):
-    """The node with both cameras, a query set, and its outputs, source images and diagnostics collected."""
+    """Start the node with both cameras and a query set; collect its outputs and the source images."""
     logs = tmp_path_factory.mktemp('multicamera')
     cameras = [camera_process(name, logs) for name in CAMERAS]
     process, namespace = module_launcher.start_process("cameras:=['front', 'left']", remaps=remaps())
@@ -128,3 +132,24 @@ def test_invalid_camera_namespaces_are_named(name):
 def test_valid_camera_namespaces_pass():
     assert camera_problems(['front', 'arm/wrist', '_rear2']) == []
     assert 'at most 16' in camera_problems([f'c{i}' for i in range(17)])[0]
+
+
+def test_each_camera_has_a_newest_only_slot_and_its_own_drop_count():
+    totals = NodeStats()
+    front, left = make_cameras(('front', 'left'), totals, 0.0)
+    node = SimpleNamespace(active=True, mailbox=Mailbox(), stats=totals)
+    for frame in ('f1', 'f2', 'f3'):
+        WorkerNode.hand_over(node, frame, front.slot, front.counts)
+    WorkerNode.hand_over(node, 'l1', left.slot, left.counts)
+    assert node.mailbox.take(timeout=0) == {'frame:front': 'f3', 'frame:left': 'l1'}   # one cycle: both
+    assert (front.stats.dropped, left.stats.dropped, totals.dropped) == (2, 0, 2)
+    assert all(is_frame_slot(camera.slot) for camera in (front, left)) and not is_frame_slot('queries')
+
+
+def test_one_camera_by_default_on_the_nodes_own_topics():
+    totals = NodeStats()
+    [camera] = make_cameras((), totals, 0.0)
+    assert (camera.slot, camera.topic('image'), camera.output('semantic')) == ('frame', 'image', '~/semantic')
+    assert camera.stats is totals and camera.counts is totals   # counted once, reported as today
+    [front] = make_cameras(('front',), totals, 0.0)
+    assert (front.topic('image'), front.output('semantic')) == ('front/image', '~/front/semantic')
