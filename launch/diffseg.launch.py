@@ -8,6 +8,9 @@ Outputs: /diffseg/semantic, /diffseg/mask, /diffseg/overlay, /diffseg/instances,
 Personal concepts: concepts_dir:=/robot/concepts; learn one from the camera with
     ros2 topic pub --once /diffseg/learn std_msgs/String "data: 'my mug = mug'"
 3D centroids need an aligned depth image (REP-118) and its camera_info (depth_topic, camera_info_topic).
+Several cameras on one model: set `cameras: [front, left]` in the params file; each camera then reads
+<camera>/image, <camera>/depth, <camera>/camera_info (remap them in a launch file of your own) and is
+answered on /diffseg/<camera>/semantic, ... (README, "Several cameras").
 Managed node: it loads its model and opens its topics at start unless autostart:=false; then
     ros2 lifecycle set /diffseg configure    # loads the model
     ros2 lifecycle set /diffseg activate     # opens the topics (deactivate pauses, cleanup frees the model)

@@ -225,19 +225,36 @@ class QueryEngine:
 
     def process(self, rgb):
         """Serve one frame: its FrameResult for the active queries (None without any), and learning."""
-        result = self.segment(rgb) if self.active else None
-        self.learning.step(self, rgb)
-        return result
+        return self.process_batch([rgb])[0]
+
+    def process_batch(self, rgbs, learn_from=0):
+        """Serve several frames (one per camera): a FrameResult (or None) each, and learning.
+
+        Semantic query sets run the frames batched (one forward per input shape); the instance path runs
+        them one by one. Learning collects from frame `learn_from` only (None: none of them).
+        """
+        results = self.segment_batch(rgbs) if self.active else [None] * len(rgbs)
+        self.learning.step(self, None if learn_from is None else rgbs[learn_from])
+        return results
 
     def segment(self, rgb):
         """Segment a frame for the active queries; returns a FrameResult."""
-        if self.state.mode == 'instances':
-            result = self.personal.segment(rgb, self.state.queries)
-            labels = instance_labels(result.instances, result.queries)
-            return FrameResult('instances', result.queries, labels, result.instances, result.timings)
-        result = self.segmenter.segment(rgb)
-        instances, queries = semantic_instances(result)
-        return FrameResult('semantic', queries, result.labels, instances, result.timings)
+        return self.segment_batch([rgb])[0]
+
+    def segment_batch(self, rgbs):
+        """Segment frames for the active queries; returns a FrameResult each."""
+        if self.state.mode == 'instances':   # its passes and clustering are per frame: looped
+            return [self._instances(rgb) for rgb in rgbs]
+        results = []
+        for result in self.segmenter.segment_batch(rgbs):
+            instances, queries = semantic_instances(result)
+            results.append(FrameResult('semantic', queries, result.labels, instances, result.timings))
+        return results
+
+    def _instances(self, rgb):
+        result = self.personal.segment(rgb, self.state.queries)
+        labels = instance_labels(result.instances, result.queries)
+        return FrameResult('instances', result.queries, labels, result.instances, result.timings)
 
     def class_mask(self, rgb, class_word):
         """Return the class word's best object proposal [H, W] in a frame (what a learned concept sees)."""

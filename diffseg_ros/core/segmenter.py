@@ -21,6 +21,7 @@ import torch
 from . import crf
 from .attention import AttentionCapture, attention_heads, has_self_attention, resolve_layers, \
     transformer_blocks
+from .batching import batch_rows, FrameInput, part_of, shape_groups
 from .features import FeatureCapture
 from .heads.iosd import embedded_head_path, load_head
 from .images import check_rgb, ImageProcessor, resize_labels
@@ -379,7 +380,19 @@ class Segmenter:
         """Segment an RGB uint8 [H, W, 3] frame for the active (or the given) queries."""
         if queries is not None:
             self.set_queries(queries)
-        frame = self.attend(rgb)
+        return self.finish(self.attend(rgb))
+
+    def segment_batch(self, rgbs):
+        """Segment several frames (e.g. one per camera) for the active queries with batched forwards.
+
+        Frames fed at the same padded input shape share one VAE encode and one UNet forward
+        (`attend_batch`); the method, CRF and post-processing then run per frame. Each result equals
+        what `segment` gives for that frame alone.
+        """
+        return [self.finish(frame) for frame in self.attend_batch(rgbs)]
+
+    def finish(self, frame):
+        """Turn a frame's attention into its SegmentationResult: method scores, CRF, labels at frame size."""
         start = time.perf_counter()
         scores = self.to_input(self.scores(frame), frame)      # never larger than the model's input
         if self.settings.crf:
@@ -395,30 +408,63 @@ class Segmenter:
         Layers default to the method's; other core features (instances, concepts) pass their own.
         `feature_layers`: UNet modules whose outputs the frame keeps (default: what the method's head reads).
         """
+        return self.attend_batch([rgb], cross_layers, self_layers, feature_layers)[0]
+
+    def attend_batch(self, rgbs, cross_layers=None, self_layers=None, feature_layers=None):
+        """Attention of several frames: one VAE encode + one UNet forward per padded input shape.
+
+        Frames that pad to the same model-input shape go in one batch (frames of other shapes form
+        batches of their own, one forward each); returns one FrameAttention per frame, in order, each
+        holding only its own part of the batch. Arguments as for `attend`.
+        """
         if self.prompt is None:
             raise ValueError('no active query: call set_queries() first')
-        rgb = check_rgb(rgb)
         s = self.settings
-        cross = s.cross_layers if cross_layers is None else cross_layers
-        selfs = s.self_layers if self_layers is None else self_layers
-        if feature_layers is None:
-            feature_layers = s.head.config.feature_blocks if s.head is not None else ()
+        layers = (s.cross_layers if cross_layers is None else cross_layers,
+                  s.self_layers if self_layers is None else self_layers,
+                  (s.head.config.feature_blocks if s.head is not None else ())
+                  if feature_layers is None else feature_layers)
+        inputs = [self.model_input(rgb) for rgb in rgbs]
+        frames = [None] * len(inputs)
+        for members in shape_groups([model_input.pixels.shape for model_input in inputs]):
+            for i, frame in zip(members, self._attend_group([inputs[i] for i in members], *layers)):
+                frames[i] = frame
+        return frames
+
+    def model_input(self, rgb):
+        """Resize and pad a frame for the model: its FrameInput (pixels, place, work image, time taken)."""
         start = time.perf_counter()
+        rgb = check_rgb(rgb)
+        resized = self.images.fit(rgb, self.input_size(max(rgb.shape[:2])))
+        pixels, where = self.images.pad(resized, rgb.shape[:2])
+        work = rgb if max(rgb.shape[:2]) <= max(resized.shape[:2]) else resized
+        return FrameInput(pixels, where, work, time.perf_counter() - start)
+
+    def _attend_group(self, inputs, cross, selfs, feature_layers):
+        """One VAE encode + one UNet forward on frames of one padded shape; one FrameAttention each.
+
+        The batch is camera-major: frame i's noise samples are rows i*S .. i*S + S - 1 (S = 1 unless t2m
+        draws several), so each frame's capture is that slice of every cross map, q/k and feature.
+        """
+        start = time.perf_counter()
+        s = self.settings
         with torch.inference_mode():
-            resized = self.images.fit(rgb, self.input_size(max(rgb.shape[:2])))
-            pixels, where = self.images.pad(resized, rgb.shape[:2])
+            pixels = torch.cat([model_input.pixels for model_input in inputs])
             latents = self._noised(self.encode(pixels.to(self.sd.device, self.sd.dtype)))
             encoded = time.perf_counter()
             text = self.prompt.embeddings.expand(len(latents), -1, -1)
             timesteps = torch.tensor([s.timestep] * len(latents), device=latents.device)
             with AttentionCapture(self.sd.unet, cross, selfs) as capture, \
                     FeatureCapture(self.sd.unet, feature_layers) as features:
-                # run hooks its stop after the captures: they have stored what they read first
+                # stops the UNet after the last block read; its hooks follow the captures', which store first
                 capture.run(latents, timesteps, text,
                             stop_after=tuple(feature_layers) if self.config.truncate_forward else None)
-        timings = dict(encode=encoded - start, unet=time.perf_counter() - encoded)
-        work = rgb if max(rgb.shape[:2]) <= max(resized.shape[:2]) else resized
-        return FrameAttention(capture, self.prompt.spans, where, timings, work, features.features)
+        prepared = sum(model_input.seconds for model_input in inputs)   # resizing counts as encoding
+        timings = dict(encode=encoded - start + prepared, unet=time.perf_counter() - encoded)
+        samples = len(latents) // len(inputs)
+        return [FrameAttention(part_of(capture, rows), self.prompt.spans, model_input.where, dict(timings),
+                               model_input.image, {n: f[rows] for n, f in features.features.items()})
+                for model_input, rows in zip(inputs, batch_rows(len(inputs), samples))]
 
     def scores(self, frame, spans=None):
         """Return the method's scores [K+1, h, w] (channel 0: background) for the frame's or given spans."""
@@ -463,14 +509,20 @@ class Segmenter:
         """Clean image latent (posterior mean, scaled as in SD training)."""
         return self.sd.vae.encode(pixels).latent_dist.mean * self.sd.latent_scaling
 
-    def _noised(self, latent):
-        """t2m noises the latent at its timestep, one seeded draw per noise sample; others use it clean."""
+    def _noised(self, latents):
+        """t2m noises latents [N, ...] at its timestep, the same seeded draws for every frame; others: clean.
+
+        Returns [N * S, ...], frame-major (frame i's S noise samples are rows i*S .. i*S + S - 1): every
+        frame of a batch gets the draws it would get alone, so batching does not change its masks.
+        """
         timestep = self.settings.timestep
         if self.method is not METHODS['t2m'] or timestep == 0:
-            return latent
+            return latents
         generator = torch.Generator(device='cpu').manual_seed(self.config.seed)
-        noise = torch.randn((self.config.noise_samples, *latent.shape[1:]), generator=generator)
-        return self.sd.scheduler.add_noise(latent.expand(len(noise), -1, -1, -1), noise.to(latent),
+        noise = torch.randn((self.config.noise_samples, *latents.shape[1:]), generator=generator)
+        samples = len(noise)
+        return self.sd.scheduler.add_noise(latents.repeat_interleave(samples, dim=0),
+                                           noise.to(latents).repeat(len(latents), 1, 1, 1),
                                            torch.tensor([timestep]))
 
     def _postprocess(self, scores, frame):

@@ -28,10 +28,10 @@ from ..core.model_folder import ModelLoadError
 from ..core.query_engine import EngineConfig, QueryEngine
 from ..core.settings import section, setting
 from ..core.text_limits import shorten
-from .depth import DepthCache
-from .diagnostics import falling_behind
+from .cameras import camera_problems, make_cameras, MAX_CAMERAS
+from .diagnostics import diagnostic_array, falling_behind, timing_values
 from .image_codec import numpy_to_image_msg
-from .markers import marker_array, MarkerTracker
+from .markers import marker_array
 from .params import ParameterError
 from .queries import parse_query, QueryError, SampleFilter
 from .runner import EXIT_BAD_ARGUMENTS, run_node
@@ -64,6 +64,16 @@ class NodeSettings:
     autostart: bool = autostart_setting()
     marker_lifetime: float = setting(0.0, 'lifetime (s) of ~/markers; 0 = twice the measured result period',
                                      low=0.0, high=3600.0, runtime=True)
+    cameras: tuple[str, ...] = setting(
+        (), "input namespaces of the cameras one model serves, e.g. ['front', 'left']: inputs "
+            '<camera>/image (or <camera>/image/compressed), <camera>/depth and <camera>/camera_info, '
+            'outputs ~/<camera>/semantic, ~/<camera>/mask and so on; one query set for all, frames of one '
+            'input shape share one UNet forward; empty = one camera on image, depth and camera_info',
+        constraint=f'distinct relative ROS namespaces, at most {MAX_CAMERAS}')
+
+    def invariants(self):
+        for problem in camera_problems(list(self.cameras)):
+            yield False, problem
 
 
 @dataclass
@@ -94,8 +104,7 @@ class SegmentationNode(WorkerNode):
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, NodeSettings, **kwargs)
         self.info = {}
-        self.depth = DepthCache()
-        self.markers = MarkerTracker(self.settings.marker_lifetime)
+        self.cameras = make_cameras(self.settings.cameras, self.stats, self.settings.marker_lifetime)
         self.query_set = False      # a non-empty query was received (checked by the image callback)
         self.parsed = parse_query('')
         self.query_samples = SampleFilter()
@@ -116,22 +125,25 @@ class SegmentationNode(WorkerNode):
         return loaded
 
     def create_outputs(self):
-        self.semantic_pub = self.create_publisher(Image, '~/semantic', OUTPUT_QOS)
-        self.mask_pub = self.create_publisher(Image, '~/mask', OUTPUT_QOS)
-        self.overlay_pub = self.create_publisher(Image, '~/overlay', OUTPUT_QOS)
+        """Per camera its outputs (~/semantic, ... or ~/<camera>/semantic, ...); shared: the state topics."""
+        kinds = dict(semantic=Image, mask=Image, overlay=Image, instances=Image, assignments=String,
+                     markers=MarkerArray)
+        for camera in self.cameras:
+            camera.pubs = {name: self.create_publisher(kind, camera.output(name), OUTPUT_QOS)
+                           for name, kind in kinds.items()}
         self.state_pub = self.create_publisher(String, '~/queries', STATE_QOS)
-        self.instances_pub = self.create_publisher(Image, '~/instances', OUTPUT_QOS)
-        self.assignments_pub = self.create_publisher(String, '~/assignments', OUTPUT_QOS)
-        self.markers_pub = self.create_publisher(MarkerArray, '~/markers', OUTPUT_QOS)
         self.learn_status_pub = self.create_publisher(String, '~/learn_status', STATE_QOS)
 
     def create_inputs(self):
         """Subscribe, then confirm the (kept) queries: the latched ~/queries tells clients it is ready."""
-        sensor_qos = subscription_qos(self.settings.qos)
-        self.image_sub = self.subscribe_image(IMAGE_TOPIC, self._on_image, sensor_qos)
-        self.depth_sub = self.create_subscription(Image, DEPTH_TOPIC, self.depth.add_depth, sensor_qos)
-        self.info_sub = self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self.depth.set_info,
-                                                 sensor_qos)
+        sensor_qos = subscription_qos(self.settings.qos)   # qos.image.* applies to every camera's inputs
+        for camera in self.cameras:
+            camera.image_sub = self.subscribe_image(camera.topic(IMAGE_TOPIC),
+                                                    lambda msg, camera=camera: self._on_image(camera, msg),
+                                                    sensor_qos)
+            self.create_subscription(Image, camera.topic(DEPTH_TOPIC), camera.depth.add_depth, sensor_qos)
+            self.create_subscription(CameraInfo, camera.topic(CAMERA_INFO_TOPIC), camera.depth.set_info,
+                                     sensor_qos)
         self.query_sub = self.create_subscription(String, QUERY_TOPIC, self._on_query, QUERY_QOS)
         # Volatile publishers do not match it; that is expected, not worth the default warning.
         self.latched_query_sub = self.create_subscription(
@@ -144,19 +156,20 @@ class SegmentationNode(WorkerNode):
         if self.parsed.phrases:   # queries set before a cleanup apply to the new engine too
             self.mailbox.put('queries', self.parsed)
         self._publish_state()
-        self.get_logger().info(f'ready: segmenting {self.image_sub.topic_name} for the phrases on '
-                               f'{self.query_sub.topic_name}')
+        images = ', '.join(camera.image_sub.topic_name for camera in self.cameras)
+        self.get_logger().info(f'ready: segmenting {images} for the phrases on {self.query_sub.topic_name}')
 
     # --- callbacks: decode and hand over, never touch the model ---------------------------------------
-    def _on_image(self, msg):
-        rgb = self.decode_image(msg, self.image_sub.topic_name)
+    def _on_image(self, camera, msg):
+        rgb = self.decode_image(msg, camera.image_sub.topic_name, camera.counts)
         if rgb is None:
             return
-        if not self.query_set and not self.engine.learning.collecting:
-            self.stats.count('waiting')
+        learning = self.engine.learning.collecting and camera is self.cameras[0]   # it learns from the first
+        if not self.query_set and not learning:
+            camera.counts.count('waiting')
             return
-        depth = self.depth.match(msg.header, self.settings.output.depth_tolerance)
-        self.hand_over(Frame(msg.header, rgb, depth))
+        depth = camera.depth.match(msg.header, self.settings.output.depth_tolerance)
+        self.hand_over(Frame(msg.header, rgb, depth), camera.slot, camera.counts)
 
     def _on_query(self, msg, info):
         if not self.query_samples.first_time(info):   # the other query subscription had it
@@ -186,7 +199,8 @@ class SegmentationNode(WorkerNode):
     # --- worker thread ----------------------------------------------------------------------------------
     def do_work(self, work):
         if 'settings' in work:
-            self.markers.lifetime = work['settings'].marker_lifetime
+            for camera in self.cameras:
+                camera.markers.lifetime = work['settings'].marker_lifetime
             self.engine.update(work['settings'].engine)   # read by the engine at each frame
         if 'reload' in work:
             self._reload(work['reload'])
@@ -196,8 +210,9 @@ class SegmentationNode(WorkerNode):
         if report is not None:
             self._concepts_loaded(report)
             self._queries_changed(self.engine.state)
-        if 'frame' in work:
-            self._serve(work['frame'])
+        frames = [(camera, work[camera.slot]) for camera in self.cameras if camera.slot in work]
+        if frames:
+            self._serve(frames)
 
     def _apply_queries(self, parsed):
         try:
@@ -219,21 +234,32 @@ class SegmentationNode(WorkerNode):
         resolved = [f'{q.text} -> {q.prompt}' if q.concept else q.text for q in state.queries]
         self.get_logger().info(f'queries ({state.mode}): {resolved}')
 
-    def _serve(self, frame):
-        if not self.engine.wants_frames:   # cleared while the frame waited
-            self.stats.count('waiting')
+    def _serve(self, frames):
+        """Segment the newest frame of each camera that has one, batched; publish each on its own topics.
+
+        frames: [(Camera, Frame)]. Latency is the cycle's: every frame of a batch waits for the whole batch.
+        """
+        if not self.engine.wants_frames:   # cleared while the frames waited
+            for camera, _ in frames:
+                camera.counts.count('waiting')
             return
+        cameras = [camera for camera, _ in frames]
+        learn_from = cameras.index(self.cameras[0]) if self.cameras[0] in cameras else None
         start = time.perf_counter()
         try:
-            result = self.engine.process(frame.rgb)
+            results = self.engine.process_batch([frame.rgb for _, frame in frames], learn_from)
             latency = time.perf_counter() - start
-            if result is not None and self.active:
-                self._publish_result(frame, result, latency)
+            for (camera, frame), result in zip(frames, results):
+                if result is not None and self.active:
+                    self._publish_result(camera, frame, result, latency)
         except Exception as err:   # one bad frame must not stop the node
-            self.report('failed', f'segmentation failed: {type(err).__name__}: {err}')
+            for camera in cameras:
+                self.report('failed', f'segmentation failed{camera.label}: {type(err).__name__}: {err}',
+                            camera.counts)
             return
-        if result is not None:
-            self.stats.frame_done(frame.header.stamp, latency)
+        for (camera, frame), result in zip(frames, results):
+            if result is not None:
+                camera.counts.frame_done(frame.header.stamp, latency)
 
     def _reload(self, call):
         try:
@@ -254,22 +280,21 @@ class SegmentationNode(WorkerNode):
         self.get_logger().info(f'concepts: {report.summary()}')
 
     # --- publishing -------------------------------------------------------------------------------------
-    def _publish_result(self, frame, result, latency):
-        header, output = frame.header, self.settings.output
-        publishers = {'semantic': self.semantic_pub, 'mask': self.mask_pub, 'overlay': self.overlay_pub,
-                      'instances': self.instances_pub}
+    def _publish_result(self, camera, frame, result, latency):
+        """Publish a camera's result on its topics, with the header of its source image."""
+        header, output, pubs = frame.header, self.settings.output, camera.pubs
         images = output_images(frame.rgb, result, output.overlay_alpha,
-                               overlay=self.overlay_pub.get_subscription_count() > 0)
+                               overlay=pubs['overlay'].get_subscription_count() > 0)
         for name, (array, encoding) in images.items():
-            publishers[name].publish(numpy_to_image_msg(array, encoding, header))
-        depth, K, depth_frame, note = self.depth.lookup(header, output.depth_tolerance, frame.rgb.shape[:2],
-                                                        frame.depth, output.max_depth)
+            pubs[name].publish(numpy_to_image_msg(array, encoding, header))
+        depth, K, depth_frame, note = camera.depth.lookup(header, output.depth_tolerance, frame.rgb.shape[:2],
+                                                          frame.depth, output.max_depth)
         assignments = build_assignments((header.stamp.sec, header.stamp.nanosec), header.frame_id,
                                         result.mode, result.queries, result.instances, depth, K, note,
                                         depth_frame)
-        self.assignments_pub.publish(String(data=json.dumps(assignments)))
-        clear, lifetime = self.markers.update(assignments, time.monotonic(), latency)
-        self.markers_pub.publish(marker_array(assignments, header, lifetime, clear))
+        pubs['assignments'].publish(String(data=json.dumps(assignments)))
+        clear, lifetime = camera.markers.update(assignments, time.monotonic(), latency)
+        pubs['markers'].publish(marker_array(assignments, header, lifetime, clear))
 
     def _publish_state(self):
         """Latched confirmation of the active queries and how each resolved (transient-local ~/queries)."""
@@ -309,6 +334,24 @@ class SegmentationNode(WorkerNode):
 
     def counter_values(self, stats):
         return {'queries rejected': stats['queries_rejected']}
+
+    def more_statuses(self, stats, facts, now):
+        """One status per camera when there are several: its frames, latency, result age and level."""
+        if not self.settings.cameras:
+            return []
+        return [self._camera_status(camera, stats['queries'], facts, now) for camera in self.cameras]
+
+    def _camera_status(self, camera, queries, facts, now):
+        stats = dict(camera.stats.report(), queries=queries)
+        level, message = diagnostic_status(stats) if self.active else (DiagnosticStatus.OK, 'inactive')
+        topic = camera.image_sub.topic_name if camera.image_sub is not None else camera.topic(IMAGE_TOPIC)
+        values = {'node': self.get_fully_qualified_name(), 'camera': camera.name, 'image topic': topic,
+                  **timing_values(stats, now), 'frames received': stats['received'],
+                  'frames processed': stats['processed'], 'frames dropped': stats['dropped'],
+                  'frames rejected': stats['rejected'], 'frames failed': stats['failed'],
+                  self.WAITING_LABEL: stats['waiting'], 'last error': stats['last_error']}
+        name = f'{self.STATUS_NAME}: {camera.name}'
+        return diagnostic_array(level, name, message, str(facts.get('model', '')), values, now).status[0]
 
     def _query_error(self, text):
         self.stats.query_failed(text)

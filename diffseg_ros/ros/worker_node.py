@@ -214,27 +214,35 @@ class WorkerNode(LifecycleNode):
         name = self.resolve_topic_name(topic) + suffix if suffix else topic
         return self.create_subscription(msg_type, name, callback, qos)
 
-    def decode_image(self, msg, topic):
-        """Count an Image or CompressedImage and decode it to RGB; a bad one is reported and gives None."""
-        self.stats.count('received')
+    def decode_image(self, msg, topic, stats=None):
+        """Count an Image or CompressedImage and decode it to RGB; a bad one is reported and gives None.
+
+        stats: where it is counted (default: the node's NodeStats; a camera's counts for several cameras).
+        """
+        stats = stats or self.stats
+        stats.count('received')
         try:
             check_stamp(msg.header.stamp.sec, msg.header.stamp.nanosec)   # outputs carry it
             return decode_rgb(msg)
         except ValueError as err:
-            self.report('rejected', f'bad image on {topic}: {err}')
+            self.report('rejected', f'bad image on {topic}: {err}', stats)
             return None
 
-    def hand_over(self, frame):
-        """Give the worker the newest frame; an unread older one is dropped (and counted)."""
-        if self.active and self.mailbox.put('frame', frame):
-            self.stats.count('dropped')
-        self.stats.frame_pending()
+    def hand_over(self, frame, slot='frame', stats=None):
+        """Give the worker the newest frame of a slot (one per camera); an unread older one is dropped.
+
+        Drops are counted in `stats` (default: the node's NodeStats).
+        """
+        stats = stats or self.stats
+        if self.active and self.mailbox.put(slot, frame):
+            stats.count('dropped')
+        stats.frame_pending()
 
     def _work(self, mailbox):
         while not mailbox.closed:
             work = mailbox.take(timeout=1.0)
-            if not self.active:   # deactivated while the frame waited
-                work.pop('frame', None)
+            if not self.active:   # deactivated while the frames waited
+                work = {key: item for key, item in work.items() if not is_frame_slot(key)}
             try:
                 self.do_work(work)
             except Exception as err:   # a dead worker would silently stop the node serving
@@ -255,9 +263,9 @@ class WorkerNode(LifecycleNode):
         return SetParametersResult(successful=True)
 
     # --- errors and diagnostics -------------------------------------------------------------------------
-    def report(self, counter, text):
+    def report(self, counter, text, stats=None):
         """Count a bad input or failed frame; log it once per period (a bad stream cannot flood the log)."""
-        self.stats.frame_failed(counter, text)
+        (stats or self.stats).frame_failed(counter, text)
         self.log_error(text)
 
     def log_error(self, text):
@@ -276,9 +284,12 @@ class WorkerNode(LifecycleNode):
         stats = self.stats.report()
         state = {'lifecycle state': self.lifecycle_state(), **self.state_values(stats)}
         facts = self.describe() if self.engine is not None else {}
-        self.diagnostics_pub.publish(build_diagnostics(
-            self.STATUS_NAME, self.get_fully_qualified_name(), facts, self._status(stats), state,
-            self.counter_values(stats), stats, self.get_clock().now(), self.WAITING_LABEL))
+        now = self.get_clock().now()
+        array = build_diagnostics(self.STATUS_NAME, self.get_fully_qualified_name(), facts,
+                                  self._status(stats), state, self.counter_values(stats), stats, now,
+                                  self.WAITING_LABEL)
+        array.status.extend(self.more_statuses(stats, facts, now))
+        self.diagnostics_pub.publish(array)
 
     def _status(self, stats):
         """Return the node's own status while active, otherwise what its lifecycle state means."""
@@ -305,3 +316,12 @@ class WorkerNode(LifecycleNode):
     def counter_values(self, stats):
         """Return counters of the node's own inputs, shown after the frame counters."""
         return {}
+
+    def more_statuses(self, stats, facts, now):
+        """Return DiagnosticStatus entries published after the node's own (e.g. one per camera)."""
+        return []
+
+
+def is_frame_slot(key):
+    """Tell whether a mailbox key holds a frame ('frame', or 'frame:<camera>' with several cameras)."""
+    return key == 'frame' or key.startswith('frame:')

@@ -241,6 +241,15 @@ def print_report(report):
 
 
 def main(args):
+    if args.cameras:
+        from .bench_cameras import print_report as print_cameras, run_cameras_bench
+        report = run_cameras_bench(args.cameras, args.model or '', args.size or 0, args.cameras_method,
+                                   tuple(args.frame_size), args.repeats)
+        print_cameras(report)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump(report, f, indent=1)
+        return 0
     if args.frames:
         report = run_frames_bench(args.model or '', [parse_frame(f) for f in args.frames], args.repeats,
                                   args.dtype)
@@ -258,8 +267,9 @@ def main(args):
             with open(args.json, 'w') as f:
                 json.dump(report, f, indent=1)
         return 0
-    report = run_bench(size=512 if args.large else args.size, repeats=args.repeats, methods=args.methods,
-                       model_path=args.model, dtype=args.dtype, head_path=args.head_path)
+    report = run_bench(size=512 if args.large else args.size or 256, repeats=args.repeats,
+                       methods=args.methods, model_path=args.model, dtype=args.dtype,
+                       head_path=args.head_path)
     print_report(report)
     if args.json:
         with open(args.json, 'w') as f:
@@ -269,7 +279,8 @@ def main(args):
 
 def add_parser(subparsers):
     p = subparsers.add_parser('bench', help='pipeline vs bare UNet cost, query scaling and peak memory')
-    p.add_argument('--size', type=int, default=256, help='input long side in px (default 256)')
+    p.add_argument('--size', type=int, default=None,
+                   help='input long side in px (default 256; --cameras: the model default)')
     p.add_argument('--large', action='store_true', help='use 512 px input')
     p.add_argument('--repeats', type=int, default=3)
     p.add_argument('--methods', nargs='+', default=['cross', 'stableseg', 't2m'])
@@ -283,4 +294,9 @@ def add_parser(subparsers):
     p.add_argument('--frames', nargs='+', default=None, metavar='WxH',
                    help='cost by frame size on the embedded (or --model) model, e.g. '
                         '--frames 640x480 4000x3000; reports large_frame_ratio')
+    p.add_argument('--cameras', type=int, nargs='+', default=None, metavar='N',
+                   help='N cameras in one node (batched) vs N one-camera nodes, each configuration in '
+                        'processes of its own (peak RSS), e.g. --cameras 1 2 4')
+    p.add_argument('--cameras-method', default='', help="--cameras: the method ('' = the model's choice)")
+    p.add_argument('--frame-size', type=int, nargs=2, default=[320, 240], help='--cameras frame size: w h')
     p.set_defaults(func=main)
