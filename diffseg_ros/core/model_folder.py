@@ -26,8 +26,16 @@ class ModelConfig(Settings):
     model_path: str = setting('', "local model folder (diffusers Stable Diffusion for diffseg, LDMSeg for "
                                   "ldmseg); '' = the embedded SynthWorld model")
     device: str = setting('cpu', 'torch device for the model', constraint="'cpu' or 'cuda[:N]'")
-    dtype: str = setting('float32', 'model weights precision (bfloat16 is ~2x faster on CPU)',
-                         choices=tuple(DTYPES))
+    dtype: str = setting('float32', 'model weights precision: float16 on CUDA (the recommended GPU setting), '
+                                    'bfloat16 on CPU (~2x faster than float32 there)', choices=tuple(DTYPES))
+    channels_last: bool = setting(False, 'UNet and VAE in channels-last (NHWC) memory format, which CUDA '
+                                         'tensor-core convolutions prefer in float16; results equal up to '
+                                         'rounding')
+    compile: bool = setting(False, "torch.compile the UNet and the VAE encoder (inductor; diffseg's "
+                                   'attention capture is compiled with the UNet): faster frames on CUDA, '
+                                   'after a compile at start (minutes for SD 1.5) and again for each new '
+                                   'input shape or set of captured layers; needs a C++ compiler (and '
+                                   'Triton on CUDA)')
 
     def invariants(self):
         kind = self.device.split(':')[0]
@@ -84,6 +92,21 @@ def quiet_model_libraries():
         if name in sys.modules:
             sys.modules[name].utils.logging.set_verbosity_error()
             sys.modules[name].utils.logging.disable_progress_bar()
+
+
+def apply_model_settings(config, convolutional=(), compiled=()):
+    """Apply a ModelConfig's memory format and compile choices to an engine's modules, in place.
+
+    `convolutional`: modules whose weights go channels-last; `compiled`: modules compiled with
+    `nn.Module.compile`, which keeps the module object, so hooks and attention processors installed on
+    its submodules later still take effect. Safe to call again on the same modules.
+    """
+    if config.channels_last:
+        for module in convolutional:
+            module.to(memory_format=torch.channels_last)
+    if config.compile:
+        for module in compiled:
+            module.compile()
 
 
 def torch_dtype(name):

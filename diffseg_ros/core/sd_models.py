@@ -11,6 +11,7 @@ import os
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .clip_vocab import write_clip_tokenizer
@@ -98,7 +99,19 @@ def load_sd_components(model_path='', device='cpu', dtype='float32'):
     check_parts_fit(components)
     for module in (components.text_encoder, components.vae, components.unet):
         module.to(dev).eval().requires_grad_(False)
+    use_fused_attention(components)
     return components
+
+
+def use_fused_attention(parts):
+    """Give every attention layer of the UNet and VAE diffusers' SDPA processor (AttnProcessor2_0).
+
+    diffusers picks it by default on torch 2, but a folder or library default could choose another; set
+    explicitly, every layer a frame does not capture runs the fused kernel (flash / memory-efficient
+    attention on CUDA), and AttentionCapture restores it after each frame.
+    """
+    for module in (parts.unet, parts.vae):
+        module.set_attn_processor(AttnProcessor2_0())
 
 
 def refuse_unsupported_layout(path):
@@ -174,4 +187,5 @@ def build_sd_components(configs, seed=0, tokenizer_dir=None, device='cpu', dtype
                          path='', device=torch.device(device), dtype=DTYPES[dtype])
     for module in (parts.text_encoder, parts.vae, parts.unet):
         module.to(parts.device, parts.dtype).eval().requires_grad_(False)
+    use_fused_attention(parts)
     return parts

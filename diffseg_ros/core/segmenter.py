@@ -26,7 +26,7 @@ from .features import FeatureCapture
 from .heads.iosd import embedded_head_path, load_head
 from .images import check_rgb, ImageProcessor, resize_labels
 from .methods import METHODS
-from .model_folder import ModelConfig, ModelLoadError
+from .model_folder import apply_model_settings, ModelConfig, ModelLoadError
 from .prompts import DEFAULT_BACKGROUND_WORDS, compose_prompt
 from .sd_models import load_sd_components
 from .settings import setting
@@ -288,6 +288,9 @@ class Segmenter:
     def __init__(self, config, components=None, instances=False):
         config.validate()           # before loading: a bad device or dtype is refused at once
         self.sd = components or load_sd_components(config.model_path, config.device, config.dtype)
+        # the text encoder is left eager: it runs once per query set, not per frame
+        apply_model_settings(config, convolutional=(self.sd.unet, self.sd.vae),
+                             compiled=(self.sd.unet, self.sd.vae.encoder))
         self.model_defaults = read_model_defaults(self.sd.path)
         self.images = ImageProcessor(self.sd.pad_multiple, self.sd.vae_scale_factor)
         self.instances = instances

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..core.frames import StampBuffer
 from ..core.geometry import depth_to_points
-from ..core.model_folder import ModelConfig
+from ..core.model_folder import apply_model_settings, ModelConfig
 from ..core.settings import setting
 from .pipeline import LDMSeg
 from .projection import project_labels
@@ -89,6 +89,8 @@ class LDMSegEngine:
     def __init__(self, config):
         self.config = config.validate()
         self.model = LDMSeg.load(config.model_path, config.device, config.dtype, fill_void=config.fill_void)
+        apply_model_settings(config, convolutional=(self.model.unet, self.model.vae),
+                             compiled=(self.model.unet, self.model.vae.encoder))
         self.clouds = StampBuffer(keep=4)
 
     def update(self, config):

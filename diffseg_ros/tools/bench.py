@@ -113,17 +113,20 @@ def bare_parts(seg, rgb):
 
 
 def run_bench(size=256, repeats=3, methods=('cross', 'stableseg', 't2m'), model_path=None, dtype='float32',
-              head_path=''):
-    """Measure bare vs pipeline for 1, 4 and 8 queries per method; return a JSON-able dict."""
+              head_path='', channels_last=False):
+    """Measure bare vs pipeline for 1, 4 and 8 queries per method; return a JSON-able dict.
+
+    channels_last: UNet and VAE in NHWC (the GPU path's setting; the bare forward runs on the same weights).
+    """
     torch.manual_seed(0)
     sd = (load_sd_components(model_path, dtype=dtype) if model_path
           else build_sd_components(sd15_configs(), seed=0, dtype=dtype))
     rgb = np.random.default_rng(0).integers(0, 256, (size * 3 // 4, size, 3), dtype=np.uint8)
     report = dict(model=model_path or 'SD 1.5 architecture, random weights', size=size, dtype=dtype,
-                  threads=torch.get_num_threads(), methods={})
+                  channels_last=channels_last, threads=torch.get_num_threads(), methods={})
     for method in methods:
-        seg = Segmenter(SegmenterConfig(method=method, image_size=size, dtype=dtype, head_path=head_path),
-                        components=sd)
+        seg = Segmenter(SegmenterConfig(method=method, image_size=size, dtype=dtype, head_path=head_path,
+                                        channels_last=channels_last), components=sd)
         runs, unet_seconds = bare_parts(seg, rgb), []
         for n in (1, 4, 8):
             runs[n] = segment_with(seg, rgb, QUERIES[:n], unet_seconds if n == 1 else None)
@@ -218,7 +221,7 @@ def run_frames_bench(model_path='', frames=((640, 480), (4000, 3000)), repeats=3
 
 def print_report(report):
     print(f"model: {report['model']}  input: {report['size']} px  dtype: {report['dtype']}  "
-          f"threads: {report['threads']}")
+          f"channels-last: {report['channels_last']}  threads: {report['threads']}")
     print(f"{'method':10s} {'bare s':>8s} {'1q s':>8s} {'4q s':>8s} {'8q s':>8s} {'pipe/bare':>10s} "
           f"{'8q/1q':>7s} {'bare MB':>8s} {'peak MB':>8s} {'mem +%':>7s} {'capt MB':>8s}")
     for name, m in report['methods'].items():
@@ -269,7 +272,7 @@ def main(args):
         return 0
     report = run_bench(size=512 if args.large else args.size or 256, repeats=args.repeats,
                        methods=args.methods, model_path=args.model, dtype=args.dtype,
-                       head_path=args.head_path)
+                       head_path=args.head_path, channels_last=args.channels_last)
     print_report(report)
     if args.json:
         with open(args.json, 'w') as f:
@@ -287,6 +290,7 @@ def add_parser(subparsers):
     p.add_argument('--model', default=None, help='a local diffusers folder instead of random SD 1.5 weights')
     p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
     p.add_argument('--head-path', default='', help="iosd: head folder ('' = the model's own)")
+    p.add_argument('--channels-last', action='store_true', help='UNet and VAE in channels-last memory format')
     p.add_argument('--json', default=None, help='write machine-readable results here')
     p.add_argument('--instances', action='store_true',
                    help='fused instance path vs plain semantic path on a SynthMug frame')
