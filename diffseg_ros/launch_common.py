@@ -106,7 +106,7 @@ def managed_node(context, executable, name, parameters, remappings, namespace=''
 
 
 def offboard_arguments(peer):
-    """Launch arguments of one side of the robot <-> GPU-host deployment (config/fastdds_offboard.xml)."""
+    """Return the launch arguments of one side of a robot <-> GPU-host deployment."""
     return {'local_ip': ('', "this host's IPv4 address on the robot <-> GPU-host network (required)"),
             'peer_ip': ('', f"the {peer}'s IPv4 address (required)"),
             'fastdds_profile': (config_path('fastdds_offboard.xml'),

@@ -1,7 +1,9 @@
 """Off-board GPU host: the diffseg node serving a robot's compressed camera across the network.
 
-    ros2 launch diffseg_ros gpu_host.launch.py local_ip:=192.168.1.20 peer_ip:=192.168.1.10 \\
-        image_topic:=/camera/image model_path:=/models/sd15
+    ros2 launch diffseg_ros gpu_host.launch.py local_ip:=192.168.1.20 peer_ip:=192.168.1.10
+
+plus image_topic:=/camera/image for robot_offboard.launch.py's SynthWorld camera (the robot's camera topic
+otherwise), and model_path:=/models/sd15 with a params_file saying device: cuda, dtype: float16 for SD 1.5.
 
 The robot runs robot_offboard.launch.py with the two addresses swapped. Both sides load
 config/fastdds_offboard.xml (UDPv4 unicast to the peer, no shared memory) through

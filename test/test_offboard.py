@@ -1,5 +1,7 @@
-"""Off-board GPU host over DDS: the node in a GPU-host network namespace serves the robot's JPEG camera
-across a shaped, lossy link (`diffseg offboard`'s bench: 50 Mbit/s, 5 ms, 1 % loss per direction).
+"""Off-board GPU host over DDS, measured across a shaped, lossy link.
+
+The node in a GPU-host network namespace serves the robot's JPEG camera (`diffseg offboard`'s bench:
+50 Mbit/s, 5 ms, 1 % loss per direction).
 
 The issue's bars, as ratios measured in one run: >= 95 % of the node's answers reach the planner, result
 age p95 <= 2x the node's own compute latency, bytes per frame on the robot -> GPU direction <= 0.2x raw

@@ -48,7 +48,7 @@ def pid_alive(pid):
 
 
 def namespaces():
-    """Names of the machine's named network namespaces."""
+    """Return the names of the machine's named network namespaces."""
     return [line.split()[0] for line in run('ip', 'netns', 'list').splitlines() if line.strip()]
 
 

@@ -32,7 +32,18 @@ import numpy as np
 
 from . import netns
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'config')
+
+def config_folder():
+    """Return the config/ folder: the source checkout's, else the installed package's share folder."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = os.path.join(os.path.dirname(package), 'config')
+    if os.path.isdir(source):
+        return source
+    from ament_index_python.packages import get_package_share_directory
+    return os.path.join(get_package_share_directory('diffseg_ros'), 'config')
+
+
+CONFIG = config_folder()
 PROFILE = os.path.join(CONFIG, 'fastdds_offboard.xml')
 SCENE_SEED = 1_000_000_006    # the demo's held-out scene: a red mug among other objects
 QUERY = 'red mug'
@@ -55,7 +66,7 @@ class Settings:
 
 
 def ros_environment(testbed, role, domain, log_dir):
-    """Environment of one host's ROS processes: the two-host profile with this host's and the peer's IP."""
+    """Return the environment of one host's ROS processes: the two-host profile, this and the peer's IP."""
     peer = 'gpu' if role == 'robot' else 'robot'
     env = {key: value for key, value in os.environ.items() if not key.startswith('ROS_')}
     env.update(ROS_DOMAIN_ID=str(domain), ROS_AUTOMATIC_DISCOVERY_RANGE='SUBNET',
@@ -177,7 +188,7 @@ def window_numbers(record, settings):
 
 
 def delivered_numbers(record):
-    """Share of the node's published answers (its own count) that reached the planner, whole run."""
+    """Return the share of the node's published answers (its own count) that reached the planner."""
     received, processed = len(record['answers']), record['processed']
     return {'answers_received_total': received, 'answers_published_total': processed,
             'answers_delivered': received / processed if processed else None}
