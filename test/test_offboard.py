@@ -1,21 +1,26 @@
 """Off-board GPU host over DDS, measured across a shaped, lossy link.
 
 The node in a GPU-host network namespace serves the robot's JPEG camera (`diffseg offboard`'s bench:
-50 Mbit/s, 5 ms, 1 % loss per direction).
-
-The issue's bars, as ratios measured in one run: >= 95 % of the node's answers reach the planner, result
-age p95 <= 2x the node's own compute latency, bytes per frame on the robot -> GPU direction <= 0.2x raw
-rgb8. The report is printed and saved as offboard.json in the test's tmp folder. Needs root
-(CAP_NET_ADMIN, raw sockets), as CI has.
+50 Mbit/s, 5 ms, 1 % loss per direction). The issue's bars, as ratios measured in one run: >= 95 % of the
+node's answers reach the planner, result age p95 <= 2x the node's own compute latency, bytes per frame on
+the robot -> GPU direction <= 0.2x raw rgb8, with the planner reading ~/assignments (the JSON it acts on).
+With the planner reading the 640x480 label images (~/semantic, 307 kB each) the delivery and bytes bars
+are asserted too; their age is reported, not asserted: each image's 49 ms at 50 Mbit/s and, at 1 % loss,
+the resend of most images add ~0.2 s, about the embedded model's own compute time on one core
+(docs/DEPLOYMENT.md). Reports are printed and saved in the test's tmp folder. Needs root (CAP_NET_ADMIN,
+raw sockets), as CI has.
 """
 import json
 import os
 import struct
 import subprocess
 
+import pytest
+
 from diffseg_ros.tools import linkemu, netns, offboard
 
-WINDOW_S, WARMUP_S = 45.0, 8.0   # ~90 answers: p95 is not the second-largest of 30
+WINDOWS_S = {'assignments': 40.0, 'semantic': 25.0}   # ~80 answers for the judged p95
+WARMUP_S = 8.0
 
 
 def udp_frame(flags_fragment=0, protocol=17):
@@ -52,20 +57,23 @@ def ours_left(testbed_prefix):
     return [line for line in names.splitlines() if line.startswith(testbed_prefix)]
 
 
-def test_offboard_gpu_host_meets_the_bars(tmp_path):
+@pytest.mark.parametrize('result', ['assignments', 'semantic'])
+def test_offboard_gpu_host_meets_the_bars(tmp_path, result):
     assert os.geteuid() == 0, 'the off-board test builds network namespaces: run it as root (CI does)'
     from ros_harness import claim_domain_id
-    settings = offboard.Settings(window=WINDOW_S, warmup=WARMUP_S)
+    settings = offboard.Settings(window=WINDOWS_S[result], warmup=WARMUP_S, result=result)
     try:
         report = offboard.run_bench(settings, str(tmp_path), domain=claim_domain_id())
     finally:
         assert not ours_left(f'{netns.PREFIX}{os.getpid()}'), 'the bench left namespaces behind'
         assert not os.path.exists(os.path.join(netns.NETNS_ETC, f'{netns.PREFIX}{os.getpid()}r'))
     text = json.dumps(report, indent=1)
-    (tmp_path / 'offboard.json').write_text(text)
+    (tmp_path / f'offboard_{result}.json').write_text(text)
     print(text)
     numbers = report['numbers']
     assert numbers['frames_sent'] >= 0.5 * numbers['frames_expected'], 'the camera did not keep its rate'
     assert numbers['answers'] >= 5, 'too few answers in the window to judge'
-    failed = {name: bar for name, bar in report['bars'].items() if not bar['holds']}
+    judged = report['bars'] if result == 'assignments' else \
+        {name: bar for name, bar in report['bars'].items() if name != 'age_p95_over_latency_max'}
+    failed = {name: bar for name, bar in judged.items() if not bar['holds']}
     assert not failed, f'bars missed: {failed}\n{text}'

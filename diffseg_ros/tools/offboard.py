@@ -11,11 +11,13 @@ the node with `image_transport: compressed`. Reported, over the measurement wind
   and acknowledgements included, over the frames the camera published) and its ratio to raw rgb8;
 - result age at the planner (arrival wall time minus the answer's header stamp, the camera frame's; both
   namespaces share the machine's clock), p50 / p95 / max, against the node's own compute latency
-  (its /diagnostics rolling mean);
+  (its /diagnostics rolling mean); the answers are `--result`: ~/assignments (default: the JSON a planner
+  acts on, a few hundred bytes) or ~/semantic (the label image, width x height bytes);
 - answers per second, and the share of the node's published answers (its 'frames processed') that reached
   the planner over the whole run.
 
     sudo .venv/bin/diffseg offboard --json docs/offboard.json
+    sudo .venv/bin/diffseg offboard --result semantic --json docs/offboard_semantic.json
 
 Needs root (network namespaces, raw sockets). The issue's bars: answers >= 95 %, age p95 <= 2x compute
 latency, bytes per frame <= 0.2x raw; `report['bars']` says which hold.
@@ -55,11 +57,12 @@ class Settings:
     """What one bench run does (defaults: the issue's link and camera)."""
 
     def __init__(self, width=640, height=480, rate=10.0, jpeg_quality=80, link_rate='50mbit', delay_ms=5.0,
-                 loss=0.01, warmup=8.0, window=45.0, model_path='', frames=8, seed=0, split_cpus=True):
+                 loss=0.01, warmup=8.0, window=45.0, model_path='', frames=8, seed=0, split_cpus=True,
+                 result='assignments'):
         self.width, self.height, self.rate, self.jpeg_quality = width, height, rate, jpeg_quality
         self.link_rate, self.delay_ms, self.loss = link_rate, delay_ms, loss
         self.warmup, self.window, self.model_path = warmup, window, model_path
-        self.frames, self.seed, self.split_cpus = frames, seed, split_cpus
+        self.frames, self.seed, self.split_cpus, self.result = frames, seed, split_cpus, result
 
     def as_dict(self):
         return dict(vars(self))
@@ -123,7 +126,7 @@ def commands(testbed, settings, work_dir):
         'planner': ('robot', python + [
             'diffseg_ros.tools.offboard_planner', '--out', os.path.join(work_dir, 'planner.json'),
             '--interface', testbed.interfaces['robot'], '--query', QUERY, '--warmup', str(s.warmup),
-            '--window', str(s.window)]),
+            '--window', str(s.window), '--result', s.result]),
     }
 
 
@@ -254,7 +257,8 @@ def build_report(settings, record, qdiscs, work_dir, seconds):
     numbers = {**window_numbers(record, settings), **delivered_numbers(record)}
     link_file = os.path.join(work_dir, 'link.json')
     link = json.load(open(link_file)) if os.path.exists(link_file) else None
-    return {'settings': settings.as_dict(), 'query': record['query'], 'numbers': numbers,
+    return {'settings': settings.as_dict(), 'query': record['query'], 'result_topic': f'~/{settings.result}',
+            'numbers': numbers,
             'bars': judge(numbers), 'link_relay': link, 'egress_qdiscs': qdiscs,
             'bench_seconds': round(seconds, 1)}
 
@@ -272,6 +276,9 @@ def add_parser(subparsers):
     p.add_argument('--link-rate', default=defaults.link_rate, help='tbf rate, e.g. 50mbit')
     p.add_argument('--delay-ms', type=float, default=defaults.delay_ms, help='one-way delay')
     p.add_argument('--loss', type=float, default=defaults.loss, help='frame loss per direction (0.01 = 1 %%)')
+    p.add_argument('--result', default=defaults.result, choices=('assignments', 'semantic'),
+                   help="the planner's answers: ~/assignments (JSON, what a planner acts on) or ~/semantic "
+                        '(the label image, width x height bytes)')
     p.add_argument('--model', default='', help="SD diffusers folder for the node ('' = embedded)")
     p.add_argument('--work-dir', default=None, help='folder for logs and raw records (default: a temp dir)')
     p.add_argument('--no-cpu-split', action='store_true',
@@ -284,7 +291,7 @@ def main(args):
     settings = Settings(width=args.size[0], height=args.size[1], rate=args.rate,
                         jpeg_quality=args.jpeg_quality, link_rate=args.link_rate, delay_ms=args.delay_ms,
                         loss=args.loss, warmup=args.warmup, window=args.window, model_path=args.model,
-                        split_cpus=not args.no_cpu_split)
+                        split_cpus=not args.no_cpu_split, result=args.result)
     work_dir = args.work_dir or tempfile.mkdtemp(prefix='diffseg-offboard-')
     os.makedirs(work_dir, exist_ok=True)
     report = run_bench(settings, work_dir)

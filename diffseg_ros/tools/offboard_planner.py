@@ -5,8 +5,9 @@ Runs on the robot (in the bench, inside the robot's network namespace) next to t
     python -m diffseg_ros.tools.offboard_planner --out planner.json --interface eth0 --window 40
 
 It waits for the segmentation node across the link (its latched ~/queries), sets the query, lets
-`--warmup` seconds pass, then for `--window` seconds records every answer (~/semantic: arrival wall time
-and header stamp, the camera frame's), every camera frame (camera/image/compressed, locally: stamp and
+`--warmup` seconds pass, then for `--window` seconds records every answer (`--result`: ~/assignments, the
+JSON a planner acts on, or ~/semantic, the label image; arrival wall time and header stamp, the camera
+frame's), every camera frame (camera/image/compressed, locally: stamp and
 JPEG size) and the node's /diagnostics, and reads the interface's byte counters at both ends of the
 window. Last it clears the query, waits until the answers stop and takes the node's own count of published
 answers ('frames processed') from its next diagnostics report. Everything goes to one JSON file for
@@ -21,6 +22,7 @@ import time
 READY_TIMEOUT = 120.0   # s: the node loads its model and discovery crosses the link
 QUIET_S = 3.0           # s without an answer after the query is cleared: the node is done
 STATUS_NAME = 'diffseg: segmentation'
+RESULTS = ('assignments', 'semantic')   # the node publishes one of each per processed frame
 
 
 def interface_counters(interface):
@@ -47,7 +49,7 @@ def status_values(array):
 class Recorder:
     """Subscriptions of the planner; callbacks append (arrival wall time, ...) under one lock."""
 
-    def __init__(self, node, query_topic):
+    def __init__(self, node, query_topic, result='assignments'):
         from diagnostic_msgs.msg import DiagnosticArray
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import CompressedImage, Image
@@ -61,15 +63,22 @@ class Recorder:
         self.answers, self.frames, self.diagnostics, self.states = [], [], [], []
         # latched, as a planner's query often is: matches both of the node's query subscriptions
         self.query_pub = node.create_publisher(String, query_topic, latched)
-        self.answer_sub = node.create_subscription(Image, 'diffseg/semantic', self._on_answer, reliable)
+        kind, callback = (Image, self._on_image) if result == 'semantic' else (String, self._on_json)
+        self.answer_sub = node.create_subscription(kind, f'diffseg/{result}', callback, reliable)
         node.create_subscription(String, 'diffseg/queries', self._on_state, latched)
         node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diagnostics, reliable)
         node.create_subscription(CompressedImage, 'camera/image/compressed', self._on_frame, best_effort)
 
-    def _on_answer(self, msg):
-        now = time.time()
+    def _on_image(self, msg):
+        self._answer(time.time(), stamp_seconds(msg.header.stamp))
+
+    def _on_json(self, msg):
+        now, stamp = time.time(), json.loads(msg.data)['header']['stamp']
+        self._answer(now, stamp['sec'] + stamp['nanosec'] * 1e-9)
+
+    def _answer(self, arrival, stamp):
         with self.lock:
-            self.answers.append((now, stamp_seconds(msg.header.stamp)))
+            self.answers.append((arrival, stamp))
 
     def _on_frame(self, msg):
         now = time.time()
@@ -149,7 +158,7 @@ def measure(recorder, args):
     if wait_until(recorder.last_state, READY_TIMEOUT) is None:
         raise RuntimeError('the node never confirmed its state (~/queries) across the link')
     if not wait_until(lambda: recorder.answer_sub.get_publisher_count() > 0, READY_TIMEOUT):
-        raise RuntimeError('no ~/semantic publisher matched across the link')
+        raise RuntimeError(f'no ~/{args.result} publisher matched across the link')
     if set_query(recorder, args.query, READY_TIMEOUT) is None:
         raise RuntimeError(f'the node did not confirm the query {args.query!r}')
     start = time.time()
@@ -164,7 +173,8 @@ def measure(recorder, args):
     processed = final_processed(recorder, after=time.time())
     with recorder.lock:
         return {'window': window, 'answers': list(recorder.answers), 'frames': list(recorder.frames),
-                'diagnostics': list(recorder.diagnostics), 'processed': processed, 'query': args.query}
+                'diagnostics': list(recorder.diagnostics), 'processed': processed, 'query': args.query,
+                'result': args.result}
 
 
 def parse_args(argv):
@@ -173,6 +183,8 @@ def parse_args(argv):
     parser.add_argument('--interface', required=True, help="the robot's interface towards the GPU host")
     parser.add_argument('--query', default='red mug')
     parser.add_argument('--query-topic', default='query')
+    parser.add_argument('--result', default='assignments', choices=RESULTS,
+                        help="the answers timed and counted: the node's ~/assignments or ~/semantic")
     parser.add_argument('--warmup', type=float, default=10.0,
                         help='s after the first answer before measuring')
     parser.add_argument('--window', type=float, default=40.0, help='s of measurement')
@@ -186,7 +198,7 @@ def main(argv=None):
     from rclpy.executors import SingleThreadedExecutor
     rclpy.init()
     node = rclpy.create_node('offboard_planner')
-    recorder = Recorder(node, args.query_topic)
+    recorder = Recorder(node, args.query_topic, args.result)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
     stop = threading.Event()
