@@ -5,15 +5,19 @@ package's test environment, where the launch files run against stand-ins: test/l
 The nodes are managed (lifecycle) nodes that configure and activate themselves unless autostart:=false;
 then `ros2 lifecycle set /<node> configure` (and `activate`) brings them up.
 """
+import ipaddress
+
 from ament_index_python.packages import get_package_prefix, PackageNotFoundError
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import LifecycleNode
 from launch_ros.substitutions import FindPackageShare
 
 PACKAGE = 'diffseg_ros'
 TRUE = ('true', '1', 'yes', 'on')
+# config/fastdds_offboard.xml reads these two (Fast DDS expands ${VAR} in XML text)
+LOCAL_IP_VARIABLE, PEER_IP_VARIABLE = 'DIFFSEG_DDS_LOCAL_IP', 'DIFFSEG_DDS_PEER_IP'
 
 
 def is_true(context, name):
@@ -99,3 +103,30 @@ def managed_node(context, executable, name, parameters, remappings, namespace=''
                          remappings=remappings,
                          arguments=['--ros-args', '--log-level', LaunchConfiguration('log_level')],
                          output='screen', emulate_tty=True)
+
+
+def offboard_arguments(peer):
+    """Return the launch arguments of one side of a robot <-> GPU-host deployment."""
+    return {'local_ip': ('', "this host's IPv4 address on the robot <-> GPU-host network (required)"),
+            'peer_ip': ('', f"the {peer}'s IPv4 address (required)"),
+            'fastdds_profile': (config_path('fastdds_offboard.xml'),
+                                'Fast DDS profile: UDPv4 unicast to the peer, no shared memory')}
+
+
+def offboard_environment(context):
+    """Return the actions setting the two-host DDS environment; raise before anything starts on a bad IP."""
+    addresses = {}
+    for name in ('local_ip', 'peer_ip'):
+        value = LaunchConfiguration(name).perform(context).strip()
+        try:
+            addresses[name] = str(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise RuntimeError(f'{name}:=<IPv4 address> is required (got {value[:40]!r}); nothing was '
+                               'started') from None
+    if addresses['local_ip'] == addresses['peer_ip']:
+        raise RuntimeError('local_ip and peer_ip must differ; nothing was started')
+    return [SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', LaunchConfiguration('fastdds_profile')),
+            SetEnvironmentVariable(LOCAL_IP_VARIABLE, addresses['local_ip']),
+            SetEnvironmentVariable(PEER_IP_VARIABLE, addresses['peer_ip']),
+            # LOCALHOST would replace the profile's transports with loopback-only ones
+            SetEnvironmentVariable('ROS_AUTOMATIC_DISCOVERY_RANGE', 'SUBNET')]

@@ -167,3 +167,15 @@ def test_encode_accepts_hxwx1_and_safe_casts():
 def test_encode_refuses(array, encoding, match):
     with pytest.raises(ValueError, match=match):
         numpy_to_image_msg(array, encoding)
+
+
+def test_jpeg_quality_trades_bytes_for_fidelity():
+    from diffseg_ros.ros.image_codec import compressed_image_msg, decode_compressed
+    rng = np.random.default_rng(0)
+    rgb = np.clip(rng.normal(128, 40, (48, 64, 3)), 0, 255).astype(np.uint8)
+    low, high = (compressed_image_msg(rgb, 'jpeg', quality=q) for q in (30, 95))
+    assert len(low.data) < len(high.data)
+    errors = [np.abs(decode_compressed(m).astype(int) - rgb).mean() for m in (low, high)]
+    assert errors[1] < errors[0]
+    assert bytes(compressed_image_msg(rgb, 'jpeg').data) == bytes(high.data)   # OpenCV's default is 95
+    assert compressed_image_msg(rgb, 'png', quality=10).format == 'rgb8; png compressed bgr8'

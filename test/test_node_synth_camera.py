@@ -4,16 +4,16 @@ import json
 
 import numpy as np
 import pytest
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2, PointField
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 from std_msgs.msg import String
 
-from diffseg_ros.ros.image_codec import image_msg_to_numpy
+from diffseg_ros.ros.image_codec import decode_compressed, image_msg_to_numpy
 from diffseg_ros.ros.synth_camera import frame_sequence
 from ros_harness import NodeProcess, TIMEOUT, wait_until
 
 WIDTH, HEIGHT = 64, 48
 TOPICS = {'image': Image, 'depth': Image, 'camera_info': CameraInfo, 'points': PointCloud2,
-          'instances': Image, 'scene_info': String}
+          'instances': Image, 'scene_info': String, 'image/compressed': CompressedImage}
 POINT_FIELDS = [('x', 0, PointField.FLOAT32), ('y', 4, PointField.FLOAT32), ('z', 8, PointField.FLOAT32),
                 ('label', 12, PointField.UINT32)]
 
@@ -25,7 +25,7 @@ def frames(ros_client, tmp_path_factory):
     process = NodeProcess('diffseg_ros.ros.synth_camera',
                           ['-r', '__ns:=/cam', '-p', f'width:={WIDTH}', '-p', f'height:={HEIGHT}',
                            '-p', 'rate:=4.0', '-p', 'scenes:=2', '-p', 'frames_per_scene:=2',
-                           '-p', 'seed:=5'],
+                           '-p', 'seed:=5', '-p', 'jpeg_quality:=90', '-p', 'cache_frames:=true'],
                           tmp_path_factory.mktemp('synth') / 'synth_camera.log')
     try:
         def complete_frames():
@@ -66,6 +66,14 @@ def test_images_and_camera_info(frames):
         np.testing.assert_allclose(np.array(info.p).reshape(3, 4)[:, :3], K)
         depth = image_msg_to_numpy(msgs['depth'])
         assert np.isfinite(depth).mean() > 0.9 and np.nanmin(depth) > 0
+
+
+def test_compressed_image_is_the_frame_as_jpeg(frames):
+    for msgs in frames.values():
+        jpeg = msgs['image/compressed']
+        assert jpeg.format == 'rgb8; jpeg compressed bgr8' and bytes(jpeg.data[:2]) == b'\xff\xd8'
+        difference = decode_compressed(jpeg).astype(int) - image_msg_to_numpy(msgs['image']).astype(int)
+        assert np.abs(difference).mean() < 6, 'JPEG at quality 90 is close to the raw frame'
 
 
 def decode_cloud(msg):

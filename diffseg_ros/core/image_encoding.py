@@ -171,9 +171,13 @@ def decode_compressed(msg):
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
-def compressed_fields(rgb, kind='jpeg'):
-    """Encode an RGB uint8 array as the fields (format, data) of a CompressedImage ('jpeg' or 'png')."""
-    ok, encoded = cv2.imencode(COMPRESSED_FORMATS[kind], np.ascontiguousarray(rgb[:, :, ::-1]))
+def compressed_fields(rgb, kind='jpeg', quality=None):
+    """Encode an RGB uint8 array as the fields (format, data) of a CompressedImage ('jpeg' or 'png').
+
+    quality: JPEG quality 1-100 (None = OpenCV's default, 95); ignored for PNG.
+    """
+    options = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if kind == 'jpeg' and quality is not None else []
+    ok, encoded = cv2.imencode(COMPRESSED_FORMATS[kind], np.ascontiguousarray(rgb[:, :, ::-1]), options)
     if not ok:
         raise ValueError(f'could not encode a {rgb.shape} image as {kind}')
     return {'format': f'rgb8; {kind} compressed bgr8', 'data': encoded.reshape(-1)}

@@ -38,9 +38,9 @@ def numpy_to_image_msg(array, encoding, header=None):
     return msg
 
 
-def compressed_image_msg(rgb, kind='jpeg', header=None):
-    """Encode an RGB uint8 array as a CompressedImage ('jpeg' or 'png')."""
-    fields = compressed_fields(rgb, kind)
+def compressed_image_msg(rgb, kind='jpeg', header=None, quality=None):
+    """Encode an RGB uint8 array as a CompressedImage ('jpeg' or 'png'; JPEG quality 1-100, None = 95)."""
+    fields = compressed_fields(rgb, kind, quality)
     msg = CompressedImage(format=fields['format'], data=np.asarray(fields['data']).tobytes())
     if header is not None:
         msg.header = header

@@ -2,6 +2,8 @@
 
 Per frame, every topic carries the same header (stamp of the frame, frame_id parameter):
   camera/image        sensor_msgs/Image rgb8
+  camera/image/compressed  sensor_msgs/CompressedImage, JPEG of the same frame (`jpeg_quality`), as
+                      image_transport's `compressed` plugin publishes it: what a camera on Wi-Fi sends
   camera/depth        sensor_msgs/Image 32FC1, metres along the optical axis (REP-118; +inf = no surface)
   camera/camera_info  sensor_msgs/CameraInfo, ideal pinhole (plumb_bob, zero distortion)
   camera/points       sensor_msgs/PointCloud2, organised (height x width like the image, pixel (r, c) is
@@ -14,15 +16,19 @@ Scenes use seeds seed, seed + 1, ...; the camera makes one smooth orbit loop per
 (an object phrase, e.g. 'red mug') the other objects are left out: the view a user gives a robot when
 teaching it one object (`~/learn`). world 'mugs' shows, instead of SynthWorld's random scenes, a table
 with the user's mug among look-alikes ('red dotted mug', 'red striped mug', 'orange dotted mug').
+Like a camera driver with image_transport, a topic nobody subscribes to is neither encoded nor published.
+Rendering a 640x480 frame takes ~0.2 s here; `cache_frames` renders the sequence once at start and
+replays it, for rates rendering cannot keep up with (the sequence repeats exactly anyway when looping).
 """
 from dataclasses import dataclass, replace
 import json
 import sys
+import time
 
 import numpy as np
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import Header, String
 
 from ..core.geometry import depth_to_points, intrinsics
@@ -30,7 +36,7 @@ from ..core.settings import setting
 from ..synthworld import camera_orbit, describe, render, visible_objects
 from ..synthworld.scene import sample_spec
 from ..synthworld.synthmug import look_alike_spec
-from .image_codec import numpy_to_image_msg
+from .image_codec import compressed_image_msg, numpy_to_image_msg
 from .params import declare_settings, ParameterError
 from .pointcloud import camera_info_msg, labelled_cloud_msg
 from .runner import run_node
@@ -57,6 +63,10 @@ class CameraSettings:
                                  'every object')
     frame_id: str = setting('camera_optical_frame', 'frame_id of every header (REP-103 optical frame)',
                             constraint='not empty')
+    jpeg_quality: int = setting(80, 'JPEG quality of camera/image/compressed (OpenCV imencode, 1-100)',
+                                low=1, high=100)
+    cache_frames: bool = setting(False, 'render the whole sequence once at start and replay it (for rates '
+                                        'rendering cannot reach; memory ~ 11 bytes per pixel per frame)')
 
     def invariants(self):
         yield bool(self.frame_id), 'frame_id must not be empty'
@@ -124,9 +134,11 @@ class SynthCamera(Node):
     def __init__(self, **kwargs):
         super().__init__(NODE_NAME, **kwargs)
         self.settings = s = declare_settings(self, CameraSettings)
+        self.cache = self._render_all() if s.cache_frames else None
         self.frames = self._endless_frames() if s.loop else self._sequence()
         self.pubs = {
             'image': self.create_publisher(Image, 'camera/image', CAMERA_QOS),
+            'compressed': self.create_publisher(CompressedImage, 'camera/image/compressed', CAMERA_QOS),
             'depth': self.create_publisher(Image, 'camera/depth', CAMERA_QOS),
             'camera_info': self.create_publisher(CameraInfo, 'camera/camera_info', CAMERA_QOS),
             'points': self.create_publisher(PointCloud2, 'camera/points', CAMERA_QOS),
@@ -137,7 +149,17 @@ class SynthCamera(Node):
         self.get_logger().info(f'publishing {s.scenes} scenes x {s.frames_per_scene} frames ({s.width}x'
                                f"{s.height}) at {s.rate} Hz on {self.pubs['image'].topic_name}")
 
+    def _render_all(self):
+        start = time.monotonic()
+        frames = list(self._render())
+        self.get_logger().info(f'cache_frames: rendered {len(frames)} frames in '
+                               f'{time.monotonic() - start:.1f} s')
+        return frames
+
     def _sequence(self):
+        return iter(self.cache) if self.cache is not None else self._render()
+
+    def _render(self):
         s = self.settings
         return frame_sequence(s.seed, s.scenes, s.frames_per_scene, s.width, s.height, s.fov_deg, s.show_only,
                               s.world)
@@ -153,15 +175,24 @@ class SynthCamera(Node):
             self.timer.cancel()
             return
         header = Header(stamp=self.get_clock().now().to_msg(), frame_id=self.settings.frame_id)
+        for name, make in self._messages(frame, header).items():
+            if self.pubs[name].get_subscription_count():   # encoding 640x480 clouds for nobody costs ms
+                self.pubs[name].publish(make())
+
+    def _messages(self, frame, header):
+        """Return {topic name: function making its message} for one frame (made only when wanted)."""
         height, width = frame.depth.shape
-        points = depth_to_points(frame.depth, frame.K).astype(np.float32)
-        self.pubs['image'].publish(numpy_to_image_msg(frame.rgb, 'rgb8', header))
-        self.pubs['depth'].publish(numpy_to_image_msg(frame.depth.astype(np.float32), '32FC1', header))
-        self.pubs['camera_info'].publish(camera_info_msg(frame.K, width, height, header))
-        self.pubs['points'].publish(labelled_cloud_msg(points, frame.instances, header))
-        instances = frame.instances.astype(np.uint16)
-        self.pubs['instances'].publish(numpy_to_image_msg(instances, 'mono16', header))
-        self.pubs['scene_info'].publish(String(data=json.dumps(scene_info(frame, header))))
+        quality = self.settings.jpeg_quality
+        return {
+            'image': lambda: numpy_to_image_msg(frame.rgb, 'rgb8', header),
+            'compressed': lambda: compressed_image_msg(frame.rgb, 'jpeg', header, quality),
+            'depth': lambda: numpy_to_image_msg(frame.depth.astype(np.float32), '32FC1', header),
+            'camera_info': lambda: camera_info_msg(frame.K, width, height, header),
+            'points': lambda: labelled_cloud_msg(depth_to_points(frame.depth, frame.K).astype(np.float32),
+                                                 frame.instances, header),
+            'instances': lambda: numpy_to_image_msg(frame.instances.astype(np.uint16), 'mono16', header),
+            'scene_info': lambda: String(data=json.dumps(scene_info(frame, header))),
+        }
 
 
 def main(args=None):

@@ -1,4 +1,4 @@
-"""`diffseg`: one command with verbs (bench, synth, train, eval, demo, concept, bag); `diffseg VERB -h`."""
+"""`diffseg`: one command with verbs (bench, synth, train, eval, demo, concept, bag, offboard); `-h` each."""
 import argparse
 import importlib
 import sys
@@ -14,6 +14,7 @@ VERBS = {
     'demo': 'diffseg_ros.tools.demo',
     'concept': 'diffseg_ros.tools.concept_cli',
     'bag': 'diffseg_ros.tools.bag',
+    'offboard': 'diffseg_ros.tools.offboard',
 }
 
 
