@@ -281,12 +281,12 @@ class SegmentationNode(WorkerNode):
 
     # --- publishing -------------------------------------------------------------------------------------
     def _publish_result(self, camera, frame, result, latency):
-        """Publish a camera's result on its topics, with the header of its source image."""
+        """Publish a camera's result on its topics, with the header of its source image.
+
+        Assignments first: they are what a planner acts on, and the label images take longer to build and
+        send. An image nobody subscribes to is not built (an off-board node should not spend on them).
+        """
         header, output, pubs = frame.header, self.settings.output, camera.pubs
-        images = output_images(frame.rgb, result, output.overlay_alpha,
-                               overlay=pubs['overlay'].get_subscription_count() > 0)
-        for name, (array, encoding) in images.items():
-            pubs[name].publish(numpy_to_image_msg(array, encoding, header))
         depth, K, depth_frame, note = camera.depth.lookup(header, output.depth_tolerance, frame.rgb.shape[:2],
                                                           frame.depth, output.max_depth)
         assignments = build_assignments((header.stamp.sec, header.stamp.nanosec), header.frame_id,
@@ -295,6 +295,11 @@ class SegmentationNode(WorkerNode):
         pubs['assignments'].publish(String(data=json.dumps(assignments)))
         clear, lifetime = camera.markers.update(assignments, time.monotonic(), latency)
         pubs['markers'].publish(marker_array(assignments, header, lifetime, clear))
+        images = output_images(frame.rgb, result, output.overlay_alpha,
+                               overlay=pubs['overlay'].get_subscription_count() > 0)
+        for name, (array, encoding) in images.items():
+            if pubs[name].get_subscription_count() > 0:
+                pubs[name].publish(numpy_to_image_msg(array, encoding, header))
 
     def _publish_state(self):
         """Latched confirmation of the active queries and how each resolved (transient-local ~/queries)."""
