@@ -101,7 +101,8 @@ def test_segment_outputs_labels_at_frame_and_probabilities_at_input_size(model_d
 def test_one_unet_forward_one_vae_encode_per_frame_and_cached_text(model_dir):
     seg = Segmenter(SegmenterConfig(model_path=model_dir, method='t2m', image_size=64, noise_samples=3))
     calls = {'unet': 0, 'vae': 0, 'text': 0}
-    hooks = [getattr(seg.sd, m).register_forward_hook(lambda *_, m=k: calls.__setitem__(m, calls[m] + 1))
+    # pre-hooks: the UNet's forward stops after the last block read and never returns
+    hooks = [getattr(seg.sd, m).register_forward_pre_hook(lambda *_, m=k: calls.__setitem__(m, calls[m] + 1))
              for m, k in (('unet', 'unet'), ('text_encoder', 'text'))]
     original = seg.sd.vae.encode
     seg.sd.vae.encode = lambda x: (calls.__setitem__('vae', calls['vae'] + 1), original(x))[1]
