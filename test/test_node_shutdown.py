@@ -66,3 +66,28 @@ def test_synth_camera_stops_cleanly(ros_env, tmp_path, case):
                           tmp_path / 'synth_camera.log')
     assert process.wait_for_log(r'publishing', timeout=TIMEOUT), process.log
     assert_clean_stop(process, *SIGNALS[case])
+
+
+def test_a_stop_signal_inside_a_finalizer_is_acted_on_just_after_it():
+    # Raised inside a __del__, KeyboardInterrupt would be printed as "Exception ignored" and lost
+    import sys
+    from diffseg_ros.ros.runner import StopSignals
+
+    class Finalized:
+        def __del__(self):
+            Finalized.frame = sys._getframe()
+
+    Finalized()
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
+    try:
+        signals = StopSignals()
+        signals._handle(signal.SIGINT, Finalized.frame)           # inside __del__: no raise, retry armed
+        assert signals.requested and signals.starting
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 0
+        with pytest.raises(KeyboardInterrupt):
+            signals._handle(signal.SIGALRM, sys._getframe())      # the retry stops the start
+        signals._handle(signal.SIGINT, sys._getframe())           # later ones only ask the loop to end
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)

@@ -16,31 +16,48 @@ from ..core.model_folder import quiet_model_libraries
 
 EXIT_BAD_ARGUMENTS = 2
 SPIN_PERIOD = 0.1   # s: the longest a stop request waits for the spin loop to see it
+RETRY_PERIOD = 0.05   # s: a stop signal that arrived inside a __del__ is acted on this much later
 
 
 class StopSignals:
     """Handle SIGINT and SIGTERM in Python: interrupt the start, or ask the spin loop to end.
 
     While the node starts, the first one raises KeyboardInterrupt; afterwards they only set `requested`,
-    so a repeated signal never lands in the shutdown code, which ignores them.
+    so a repeated signal never lands in the shutdown code, which ignores them. One that arrives inside a
+    __del__ (Python would print the exception and drop it) is re-delivered by a short SIGALRM.
     """
 
     def __init__(self):
         self.starting = True
         self.requested = False
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
-        if self.starting:   # a model may take a while to load: stop now
-            self.starting = False
-            raise KeyboardInterrupt
+        if signum != signal.SIGALRM:
+            self.requested = True
+        if not (self.starting and self.requested):
+            return
+        if in_finalizer(frame):   # raised in a __del__ it would be printed and lost: try again shortly
+            signal.setitimer(signal.ITIMER_REAL, RETRY_PERIOD)
+            return
+        self.starting = False     # a model may take a while to load: stop now
+        raise KeyboardInterrupt
 
     def ignore(self):
         """Ignore stop signals from now on: Python's exit would put back their default, deadly action."""
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM):
             signal.signal(signum, signal.SIG_IGN)
+
+
+def in_finalizer(frame):
+    """Tell whether a frame runs inside a __del__ (garbage collection may call one anywhere)."""
+    while frame is not None:
+        if frame.f_code.co_name == '__del__':
+            return True
+        frame = frame.f_back
+    return False
 
 
 def run_node(make_node, name, args, failures=(), make_executor=None):
