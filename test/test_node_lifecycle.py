@@ -9,7 +9,7 @@ from lifecycle_msgs.srv import ChangeState, GetState
 import pytest
 
 from diffseg_ros.ros.synth_camera import frame_sequence
-from ros_harness import DiffsegUnderTest, make_header, NodeProcess, wait_until
+from ros_harness import DiffsegUnderTest, make_header, NodeProcess, TIMEOUT, wait_until
 from test_ldmseg_node import HEIGHT, LDMSegUnderTest, MODULE as LDMSEG_MODULE, PARAMS_FILE as LDMSEG_PARAMS
 from test_ldmseg_node import truth_cloud, WIDTH
 
@@ -25,7 +25,16 @@ class Lifecycle:
         self.get = client.service_client(GetState, f'{node}/get_state')
 
     def state(self):
-        return self.client.call(self.get, GetState.Request()).current_state.label
+        """Return the node's state label, asking again when an answer is lost.
+
+        A service's first reply can be dropped while DDS still matches its reply path ("failed to send
+        response (timeout)" in the node's log); GetState can be asked twice, unlike ChangeState.
+        """
+        for _ in range(3):
+            reply = self.client.call(self.get, GetState.Request(), timeout=TIMEOUT / 3)
+            if reply is not None:
+                return reply.current_state.label
+        raise AssertionError(f'no answer from {self.get.srv_name}')
 
     def set(self, transition):
         """Ask for a transition by label ('configure', 'activate', ...); return whether it succeeded."""
